@@ -1,0 +1,423 @@
+"""The `gateway` command: local administration, `serve` and `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import tarfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway import config as config_module
+from gateway.config import Config, ConfigError
+from gateway.core.authorized_keys import BadKey, parse_text
+from gateway.core.names import InvalidName, check_app_name, check_config_key
+from gateway.keys import ensure_host_keys, public_key, write_key_pair
+from gateway.store import Store, StoreError
+
+Handler = Callable[[argparse.Namespace, Config], int]
+COMMANDS: dict[str, tuple[Handler, str, Callable[[argparse.ArgumentParser], None]]] = {}
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as `gateway: MESSAGE`, exit status 1."""
+
+
+def command(name: str, help: str, *args: Callable[[argparse.ArgumentParser], None]) -> Any:
+    def register(handler: Handler) -> Handler:
+        def add_arguments(parser: argparse.ArgumentParser) -> None:
+            for add in args:
+                add(parser)
+
+        COMMANDS[name] = (handler, help, add_arguments)
+        return handler
+
+    return register
+
+
+def app_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("app", help="the app's name")
+
+
+def json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _store(config: Config) -> Store:
+    return Store(config.db_path)
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+# -- apps ------------------------------------------------------------------------------
+
+
+@command("apps:create", "create an app", app_arg, json_arg)
+def apps_create(args: argparse.Namespace, config: Config) -> int:
+    app = _store(config).create_app(check_app_name(args.app))
+    if args.json:
+        _print_json({"name": app.name, "size": app.size, "created_at": _when(app.created_at)})
+    else:
+        print(f"Created {app.name}")
+    return 0
+
+
+@command("apps", "list the apps", json_arg)
+def apps_list(args: argparse.Namespace, config: Config) -> int:
+    apps = _store(config).list_apps()
+    if args.json:
+        _print_json(
+            [{"name": a.name, "size": a.size, "created_at": _when(a.created_at)} for a in apps]
+        )
+    else:
+        print("\n".join(app.name for app in apps) if apps else "No apps yet.")
+    return 0
+
+
+# -- releases --------------------------------------------------------------------------
+
+
+def _release_json(release: Any) -> dict[str, Any]:
+    data = asdict(release)
+    data["created_at"] = _when(release.created_at)
+    return data
+
+
+@command(
+    "releases:create",
+    "import a slug (tar.gz of an app dir) as the app's next release",
+    app_arg,
+    lambda p: p.add_argument("slug", type=Path, help="the slug archive"),
+    json_arg,
+)
+def releases_create(args: argparse.Namespace, config: Config) -> int:
+    from gateway.slugs import SlugRefused, unpack
+
+    store = _store(config)
+    app = store.app(args.app)
+    if not args.slug.is_file():
+        raise UserError(f"{args.slug}: no such file")
+    release_root = config.releases_dir / app.name
+    slug_root = config.slugs_dir / app.name
+    release_root.mkdir(parents=True, exist_ok=True)
+    slug_root.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    incoming = release_root / f".incoming-{token}"
+    incoming_slug = slug_root / f".incoming-{token}.tgz"
+    try:
+        unpacked = unpack(
+            args.slug, incoming, config.slugs.max_unpacked_bytes, progress=_progress(args.slug)
+        )
+    except SlugRefused as exc:
+        raise UserError(f"slug refused: {exc}") from None
+    try:
+        shutil.copyfile(args.slug, incoming_slug)
+
+        def place(version: int) -> None:
+            incoming.rename(release_root / f"v{version}")
+            incoming_slug.rename(slug_root / f"v{version}.tgz")
+
+        release = store.add_release(
+            app.name,
+            unpacked.sha256,
+            unpacked.size,
+            unpacked.unpacked_bytes,
+            unpacked.procfile,
+            place=place,
+        )
+    finally:
+        from gateway.slugs import remove_tree
+
+        if incoming.exists():
+            remove_tree(incoming)
+        incoming_slug.unlink(missing_ok=True)
+    if args.json:
+        _print_json(_release_json(release))
+    else:
+        types = ", ".join(sorted(release.procfile)) or "none"
+        print(f"Released v{release.version} of {app.name} (process types: {types})")
+    return 0
+
+
+def _progress(path: Path) -> Callable[[int, int], None] | None:
+    """Progress on stderr for archives big enough to take a while."""
+    if path.stat().st_size < 32 * 1024**2:
+        return None
+    shown = {"percent": -1}
+
+    def report(done: int, total: int) -> None:
+        percent = done * 100 // max(total, 1)
+        if percent // 5 != shown["percent"] // 5:
+            shown["percent"] = percent
+            print(f"unpacking {path.name}: {percent}% of {total // 1024**2} MB", file=sys.stderr)
+
+    return report
+
+
+@command("releases", "list an app's releases", app_arg, json_arg)
+def releases_list(args: argparse.Namespace, config: Config) -> int:
+    releases = _store(config).list_releases(args.app)
+    if args.json:
+        _print_json([_release_json(r) for r in releases])
+        return 0
+    if not releases:
+        print(f"{args.app} has no releases yet.")
+    for r in reversed(releases):
+        print(
+            f"v{r.version}  {_when(r.created_at)}  sha256:{r.slug_sha256[:12]}  "
+            f"{r.slug_size} bytes  types: {', '.join(sorted(r.procfile)) or '-'}"
+        )
+    return 0
+
+
+# -- config vars -----------------------------------------------------------------------
+
+
+@command(
+    "config:set",
+    "set config vars (K=V ...)",
+    app_arg,
+    lambda p: p.add_argument("pairs", nargs="+", metavar="K=V"),
+)
+def config_set(args: argparse.Namespace, config: Config) -> int:
+    values = {}
+    for pair in args.pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UserError(f"{pair!r} is not KEY=VALUE")
+        values[check_config_key(key)] = value
+    _store(config).set_config(args.app, values)
+    print(f"Set {', '.join(values)} on {args.app}")
+    return 0
+
+
+@command("config:unset", "remove config vars", app_arg, lambda p: p.add_argument("keys", nargs="+"))
+def config_unset(args: argparse.Namespace, config: Config) -> int:
+    _store(config).unset_config(args.app, args.keys)
+    print(f"Unset {', '.join(args.keys)} on {args.app}")
+    return 0
+
+
+@command("config", "show config vars", app_arg, json_arg)
+def config_show(args: argparse.Namespace, config: Config) -> int:
+    values = _store(config).get_config(args.app)
+    if args.json:
+        _print_json(values)
+    else:
+        for key, value in values.items():
+            print(f"{key}={value}")
+    return 0
+
+
+# -- keys ------------------------------------------------------------------------------
+
+
+@command(
+    "keys:add",
+    "authorize SSH public keys for an app (a .pub or authorized_keys file)",
+    app_arg,
+    lambda p: p.add_argument("file", type=Path),
+)
+def keys_add(args: argparse.Namespace, config: Config) -> int:
+    try:
+        text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{args.file}: {exc}") from None
+    try:
+        keys = parse_text(text)
+    except BadKey as exc:
+        raise UserError(f"{args.file}: {exc}") from None
+    store = _store(config)
+    for key in keys:
+        added = store.add_key(args.app, key.fingerprint, key.line, key.comment)
+        print(f"{'Added' if added else 'Already there'}: {key.fingerprint} {key.comment}".rstrip())
+    return 0
+
+
+@command("keys", "list an app's key fingerprints", app_arg, json_arg)
+def keys_list(args: argparse.Namespace, config: Config) -> int:
+    keys = _store(config).list_keys(args.app)
+    if args.json:
+        _print_json([asdict(key) for key in keys])
+    else:
+        for key in keys:
+            print(f"{key.fingerprint} {key.comment}".rstrip())
+    return 0
+
+
+@command(
+    "keys:remove",
+    "revoke a key by fingerprint",
+    app_arg,
+    lambda p: p.add_argument("fingerprint"),
+)
+def keys_remove(args: argparse.Namespace, config: Config) -> int:
+    if not _store(config).remove_key(args.app, args.fingerprint):
+        raise UserError(f"no key {args.fingerprint} on {args.app}")
+    print(f"Removed {args.fingerprint} from {args.app}")
+    return 0
+
+
+# -- serving ---------------------------------------------------------------------------
+
+
+def _front_argv(args: argparse.Namespace) -> list[str]:
+    argv = [sys.executable, "-m", "gateway"]
+    if args.config:
+        argv += ["--config", str(args.config)]
+    return [*argv, "_front"]
+
+
+def _start(config: Config, args: argparse.Namespace, on_ready: Callable[[], None]) -> int:
+    from gateway.manager.main import run
+
+    _setup_logging()
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    for path in ensure_host_keys(config.keys_dir):
+        key = public_key(path)
+        print(f"host key {key.key_type} {key.fingerprint}", file=sys.stderr)
+    return run(config, _front_argv(args), on_ready)
+
+
+@command("serve", "run the gateway (SSH front and dyno manager)")
+def serve(args: argparse.Namespace, config: Config) -> int:
+    host, port = config.ssh.host_port
+
+    def ready() -> None:
+        print(f"gateway: SSH listening on {host}:{port}", file=sys.stderr, flush=True)
+
+    return _start(config, args, ready)
+
+
+@command("_front", argparse.SUPPRESS)
+def front(args: argparse.Namespace, config: Config) -> int:
+    from gateway.front.main import run
+
+    _setup_logging()
+    ready = os.environ.pop("GATEWAY_READY_FD", None)
+    lifeline = os.environ.pop("GATEWAY_LIFELINE_FD", None)
+    run(config, int(ready) if ready else None, int(lifeline) if lifeline else None)
+    return 0
+
+
+DEMO_APP = "demo"
+
+
+@command("demo", "serve with a sample app and a generated client key; prints the ssh line")
+def demo(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    if store.get_app(DEMO_APP) is None:
+        store.create_app(DEMO_APP)
+    client_key = config.keys_dir / "demo_client_ed25519"
+    config.keys_dir.mkdir(parents=True, exist_ok=True)
+    write_key_pair(client_key, "ed25519", "gateway-demo-client")
+    key = public_key(client_key)
+    store.add_key(DEMO_APP, key.fingerprint, key.line, key.comment)
+    if store.latest_release(DEMO_APP) is None:
+        sample = Path(__file__).resolve().parent.parent / "contrib" / "sample-app"
+        slug = config.state_dir / "sample-app.tgz"
+        pack_dir(sample, slug)
+        ns = argparse.Namespace(app=DEMO_APP, slug=slug, json=False)
+        releases_create(ns, config)
+    host, port = config.ssh.host_port
+    known_hosts = config.keys_dir / "known_hosts"
+    ensure_host_keys(config.keys_dir)
+    host_key = public_key(config.keys_dir / "ssh_host_ed25519_key")
+    known_hosts.write_text(f"[{host}]:{port} {host_key.key_type} {_b64(host_key)}\n")
+    ssh = (
+        f"ssh -i {_short(client_key)} -o UserKnownHostsFile={_short(known_hosts)} "
+        f"-p {port} {DEMO_APP}@{host}"
+    )
+
+    def ready() -> None:
+        print(
+            "\nThe gateway is up with the sample app 'demo'. Try, in another terminal:\n\n"
+            f"    {ssh} 'echo hello from $DYNO'\n"
+            f"    {ssh} worker 3\n"
+            f"    {ssh} -t bash\n\n"
+            "Ctrl-C here stops the gateway.\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return _start(config, args, ready)
+
+
+def _b64(key: Any) -> str:
+    return key.line.split()[1]
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def pack_dir(app_dir: Path, out: Path) -> None:
+    """Pack an app dir into a slug (a tar.gz of its contents), as contrib/pack-slug does."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w:gz") as tar:
+        for child in sorted(app_dir.iterdir()):
+            tar.add(child, arcname=child.name, filter=_owner_root)
+
+
+def _owner_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    # asyncssh logs every channel step at INFO; our own lines carry app, dyno and conn.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+
+
+# -- entry point -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="SSH gateway for one-off dynos (what `heroku run` gives)."
+    )
+    parser.add_argument(
+        "--config", type=Path, help="TOML settings file (default: $GATEWAY_CONFIG, else built-in)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (handler, help_text, add_arguments) in COMMANDS.items():
+        kwargs = {} if help_text == argparse.SUPPRESS else {"help": help_text}
+        sp = sub.add_parser(name, description=help_text, **kwargs)
+        add_arguments(sp)
+        sp.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_module.load(args.config)
+        return args.handler(args, config)
+    except (UserError, ConfigError, StoreError, InvalidName) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

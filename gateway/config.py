@@ -1,0 +1,160 @@
+"""The gateway's settings: one TOML file, every key known, every type checked.
+
+Unknown keys and wrong types are errors that name the key and the file, because a
+misspelt `idle_timout` silently ignored is a production incident waiting to happen.
+Relative paths are taken relative to the config file's directory (or the working
+directory when there is no file).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+SANDBOXES = ("auto", "bwrap", "process")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the key and file."""
+
+
+@dataclass(frozen=True)
+class SSHSettings:
+    listen: str = "127.0.0.1:2222"
+    # Seconds between server keepalives, and how many may go unanswered.
+    keepalive_interval: int = 15
+    keepalive_count_max: int = 4
+    login_grace_time: int = 30
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_listen(self.listen)
+
+
+@dataclass(frozen=True)
+class DynoSettings:
+    idle_timeout: int = 3600
+    max_lifetime: int = 86400
+    stop_grace: int = 30
+    sandbox: str = "auto"
+    # The shell run when a client asks for one (`ssh APP@host`): bash where the dyno has
+    # it, else sh.
+    shell: str = "bash"
+    # Show `Running ... attached to terminal... up, run.N` on stderr for PTY sessions.
+    banner: bool = True
+
+
+@dataclass(frozen=True)
+class SlugSettings:
+    # The most bytes a slug may unpack to.
+    max_unpacked_bytes: int = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path = Path("state")
+    keys_dir: Path = Path("keys")
+    ssh: SSHSettings = field(default_factory=SSHSettings)
+    dynos: DynoSettings = field(default_factory=DynoSettings)
+    slugs: SlugSettings = field(default_factory=SlugSettings)
+    source: str = "<defaults>"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "gateway.db"
+
+    @property
+    def releases_dir(self) -> Path:
+        return self.state_dir / "releases"
+
+    @property
+    def slugs_dir(self) -> Path:
+        return self.state_dir / "slugs"
+
+    @property
+    def dynos_dir(self) -> Path:
+        return self.state_dir / "dynos"
+
+    @property
+    def manager_socket(self) -> Path:
+        return self.state_dir / "manager.sock"
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """Split `HOST:PORT` (or `[V6]:PORT`) into its parts."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{where}{key}"
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {name!r}")
+        expected = hints[key]
+        if is_dataclass(expected):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {name!r} must be a table")
+            kwargs[key] = _build(expected, value, f"{name}.", source)
+        elif expected is Path:
+            if not isinstance(value, str):
+                raise ConfigError(f"{source}: {name!r} must be a string (a path)")
+            kwargs[key] = Path(value)
+        elif expected is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{source}: {name!r} must be an integer")
+            if value < 0:
+                raise ConfigError(f"{source}: {name!r} must not be negative")
+            kwargs[key] = value
+        elif not isinstance(value, expected):
+            raise ConfigError(f"{source}: {name!r} must be a {expected.__name__}")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = None) -> Config:
+    """Build a Config from parsed TOML, checking every key and value."""
+    config = _build(Config, data, "", source)
+    if config.dynos.sandbox not in SANDBOXES:
+        raise ConfigError(
+            f"{source}: 'dynos.sandbox' must be one of {', '.join(SANDBOXES)}, "
+            f"got {config.dynos.sandbox!r}"
+        )
+    try:
+        config.ssh.host_port  # noqa: B018 - validates the listen address
+    except ValueError as exc:
+        raise ConfigError(f"{source}: 'ssh.listen': {exc}") from None
+    base = base or Path.cwd()
+    return Config(
+        state_dir=(base / config.state_dir).resolve(),
+        keys_dir=(base / config.keys_dir).resolve(),
+        ssh=config.ssh,
+        dynos=config.dynos,
+        slugs=config.slugs,
+        source=source,
+    )
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the config from `path`, else `$GATEWAY_CONFIG`, else the built-in defaults."""
+    if path is None:
+        path = os.environ.get("GATEWAY_CONFIG") or None
+    if path is None:
+        return parse({})
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    return parse(data, source=str(file), base=file.resolve().parent)

@@ -1,0 +1,133 @@
+"""Copy loops between an SSH channel and a dyno's file descriptors.
+
+Written here rather than using asyncssh's redirect(), which loses data on pipes, forwards
+no signals, and hides the bytes from the idle timer. Both directions apply backpressure:
+output is read only while the channel accepts it, input is taken from the channel only
+as fast as the dyno reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Callable
+
+READ_SIZE = 256 * 1024
+
+
+class OutputPump:
+    """Reads a dyno's stdout, stderr or PTY master into `write` until EOF."""
+
+    def __init__(self, fd: int, write: Callable[[bytes], None], on_eof: Callable[[], None]) -> None:
+        self.fd = fd
+        self._write = write
+        self._on_eof = on_eof
+        self._loop = asyncio.get_running_loop()
+        self._reading = False
+        self.eof = False
+        self.bytes = 0
+        os.set_blocking(fd, False)
+
+    def resume(self) -> None:
+        if not self._reading and not self.eof:
+            self._loop.add_reader(self.fd, self._readable)
+            self._reading = True
+
+    def pause(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self.fd)
+            self._reading = False
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            # EIO on a PTY master: every slave fd is closed, the terminal has hung up.
+            if exc.errno != errno.EIO:
+                raise
+            data = b""
+        if data:
+            self.bytes += len(data)
+            self._write(data)
+            return
+        self.pause()
+        self.eof = True
+        self._on_eof()
+
+
+class InputPump:
+    """Writes channel data into a dyno's stdin (or PTY master), pausing the channel while
+    the dyno is not reading."""
+
+    def __init__(
+        self, fd: int, pause: Callable[[], None], resume: Callable[[], None], close_on_eof: bool
+    ) -> None:
+        self.fd = fd
+        self._pause = pause
+        self._resume = resume
+        self._close_on_eof = close_on_eof
+        self._loop = asyncio.get_running_loop()
+        self._pending = bytearray()
+        self._eof = False
+        self._broken = False
+        self.closed = False
+        self.bytes = 0
+        os.set_blocking(fd, False)
+
+    @property
+    def blocked(self) -> bool:
+        """Whether input waits for the dyno to read (the channel is paused)."""
+        return bool(self._pending)
+
+    def feed(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if self._broken or self.closed:
+            return  # the dyno closed its stdin; like sshd, discard what the client sends
+        if self._pending:
+            self._pending += data
+            return
+        written = self._try_write(data)
+        if written < len(data):
+            self._pending += data[written:]
+            self._pause()
+            self._loop.add_writer(self.fd, self._writable)
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        if not self._pending:
+            self._finish()
+
+    def _try_write(self, data: bytes | bytearray) -> int:
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+        except (BrokenPipeError, OSError):
+            self._broken = True
+            self._pending.clear()
+            return len(data)
+
+    def _writable(self) -> None:
+        written = self._try_write(self._pending)
+        del self._pending[:written]
+        if not self._pending:
+            self._loop.remove_writer(self.fd)
+            if self._eof:
+                self._finish()
+            self._resume()
+
+    def _finish(self) -> None:
+        if self._close_on_eof and not self.closed:
+            self.close()
+
+    def close(self) -> None:
+        """Stop writing; closes the fd when it is ours alone (not a PTY master)."""
+        if self._pending:
+            self._loop.remove_writer(self.fd)
+            self._pending.clear()
+        if self._close_on_eof and not self.closed:
+            os.close(self.fd)
+        self.closed = True

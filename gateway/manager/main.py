@@ -1,0 +1,101 @@
+"""`gateway serve`: the trio dyno manager, which starts and watches the SSH front.
+
+The manager is the parent so that, run as root, it keeps the privileges sandboxes need
+while the network-facing front can drop them (OpenSSH's privilege separation). If the
+front dies the gateway exits non-zero (every attached dyno gets SIGHUP as its connection
+closes) and the service manager restarts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import trio
+
+from gateway.config import Config
+from gateway.manager.sandbox import ProcessSandbox
+from gateway.manager.supervisor import Manager
+from gateway.store import Store
+
+log = logging.getLogger("gateway.manager")
+
+
+class FrontDied(Exception):
+    pass
+
+
+class SandboxUnavailable(Exception):
+    pass
+
+
+async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], None]) -> None:
+    store = Store(config.db_path)
+    sandbox = choose_sandbox(config)
+    manager = Manager(config, store, sandbox)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.serve)
+        await nursery.start(_run_front, front_argv)
+        on_ready()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stopping on %s", signal.Signals(signum).name)
+                break
+        nursery.cancel_scope.cancel()
+
+
+def choose_sandbox(config: Config) -> ProcessSandbox:
+    """The sandbox `dynos.sandbox` asks for, said loudly, or SandboxUnavailable."""
+    if config.dynos.sandbox == "bwrap":
+        raise SandboxUnavailable(
+            'dynos.sandbox = "bwrap" is not available in this version; use "auto" or "process"'
+        )
+    sandbox = ProcessSandbox(config.dynos_dir, config.dynos.shell)
+    log.warning(
+        "sandbox in force: process (own copy of the app, own session, no namespaces: "
+        "dynos can see the host's processes and files)"
+    )
+    return sandbox
+
+
+async def _run_front(
+    argv: list[str], task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Start the front and hold it: `ready` tells us it listens, and the lifeline (a pipe
+    we never write) tells it when we are gone, whichever way we die."""
+    ready_r, ready_w = os.pipe()
+    lifeline_r, lifeline_w = os.pipe()
+    env = dict(os.environ, GATEWAY_READY_FD=str(ready_w), GATEWAY_LIFELINE_FD=str(lifeline_r))
+    try:
+        front = await trio.lowlevel.open_process(argv, pass_fds=(ready_w, lifeline_r), env=env)
+    finally:
+        os.close(ready_w)
+        os.close(lifeline_r)
+    try:
+        async with trio.lowlevel.FdStream(ready_r) as ready:
+            if not await ready.receive_some(16):
+                raise FrontDied(f"the SSH front exited at start (status {await front.wait()})")
+        task_status.started()
+        status = await front.wait()
+        raise FrontDied(f"the SSH front exited with status {status}")
+    finally:
+        os.close(lifeline_w)
+        with trio.CancelScope(shield=True):
+            front.terminate()
+            with trio.move_on_after(10):
+                await front.wait()
+            front.kill()
+
+
+def run(config: Config, front_argv: list[str], on_ready: Callable[[], None]) -> int:
+    failures: list[BaseException] = []
+    try:
+        trio.run(serve, config, front_argv, on_ready)
+    except* (FrontDied, SandboxUnavailable) as group:
+        failures.extend(group.exceptions)
+    for exc in failures:
+        print(f"gateway: {exc}", file=sys.stderr)
+    return 1 if failures else 0

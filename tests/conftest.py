@@ -1,0 +1,206 @@
+"""A real gateway (`gateway serve`) on a loopback port, and real clients to drive it."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_APP = REPO / "contrib" / "sample-app"
+_names = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_slug(path: Path, files: dict[str, str | bytes], prefix: str = "") -> Path:
+    """A tar.gz holding `files` (name -> content), optionally under `prefix` (`./app/`)."""
+    source = path.with_suffix(".src")
+    for name, content in files.items():
+        target = source / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content.encode() if isinstance(content, str) else content)
+    with tarfile.open(path, "w:gz") as tar:
+        for child in sorted(source.iterdir()):
+            tar.add(child, arcname=prefix + child.name)
+    shutil.rmtree(source)
+    return path
+
+
+@dataclass
+class Gateway:
+    root: Path
+    port: int
+    client_key: Path
+    extra_config: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "gateway.toml"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    def write_config(self) -> None:
+        self.config_path.write_text(
+            'state_dir = "state"\nkeys_dir = "keys"\n'
+            f'[ssh]\nlisten = "127.0.0.1:{self.port}"\n'
+            f'[dynos]\nsandbox = "process"\n{self.extra_config}'
+        )
+
+    def cli(
+        self, *args: str, check: bool = True, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "--config", str(self.config_path), *args],
+            capture_output=True,
+            input=input.decode() if input is not None else None,
+            text=True,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"gateway {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def start(self) -> None:
+        ready = threading.Event()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--config", str(self.config_path), "serve"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+        def read(stream: object = self.process.stderr) -> None:
+            for raw in stream:  # type: ignore[attr-defined]
+                line = raw.decode(errors="replace").rstrip()
+                self.log.append(line)
+                if "SSH listening on" in line:
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(30):
+            self.stop()
+            raise AssertionError("gateway did not start:\n" + "\n".join(self.log))
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def ssh_argv(
+        self, app: str, *command: str, key: Path | None = None, tty: bool = False
+    ) -> list[str]:
+        argv = [
+            "ssh", "-F", "/dev/null",
+            "-i", str(key or self.client_key),
+            "-p", str(self.port),
+            "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes",
+            "-o", "LogLevel=ERROR",
+        ]  # fmt: skip
+        if tty:
+            argv.append("-tt")
+        return [*argv, f"{app}@127.0.0.1", *command]
+
+    def ssh(
+        self,
+        app: str,
+        *command: str,
+        input: bytes | None = None,
+        key: Path | None = None,
+        timeout: float = 60,
+        stdin: object = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            self.ssh_argv(app, *command, key=key),
+            input=input,
+            stdin=stdin if input is None else None,
+            capture_output=True,
+            timeout=timeout,
+        )
+
+    def new_app(self, files: dict[str, str | bytes] | None = None, release: bool = True) -> str:
+        """A fresh app with the test client's key and (unless told not to) one release."""
+        name = f"app-{os.getpid() % 10000}-{next(_names)}"
+        self.cli("apps:create", name)
+        self.cli("keys:add", name, str(self.client_key) + ".pub")
+        if release:
+            slug = make_slug(self.root / f"{name}.tgz", files or {"hello.txt": "hello\n"})
+            self.cli("releases:create", name, str(slug))
+        return name
+
+
+def _client_key(directory: Path, name: str = "client") -> Path:
+    key = directory / name
+    if not key.exists():
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)], check=True
+        )
+    return key
+
+
+def _gateway(root: Path, extra_config: str = "") -> Gateway:
+    root.mkdir(parents=True, exist_ok=True)
+    gw = Gateway(
+        root=root, port=free_port(), client_key=_client_key(root), extra_config=extra_config
+    )
+    gw.write_config()
+    return gw
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One gateway shared by the tests that do not restart it; each test uses its own app."""
+    gw = _gateway(tmp_path_factory.mktemp("gw"))
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def own_gateway(tmp_path: Path) -> Iterator[Gateway]:
+    """A gateway of the test's own, for tests that restart or reconfigure it."""
+    gw = _gateway(tmp_path / "gw")
+    yield gw
+    gw.stop()
+
+
+def wait_until(predicate: object, timeout: float, interval: float = 0.05) -> bool:
+    """For tests only: poll `predicate` until true or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return bool(predicate())  # type: ignore[operator]

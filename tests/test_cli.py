@@ -1,0 +1,152 @@
+"""The admin CLI against a real state dir: what an operator types and reads."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Gateway, _gateway, make_slug
+
+
+@pytest.fixture
+def gw(tmp_path: Path) -> Gateway:
+    return _gateway(tmp_path / "gw")
+
+
+def test_apps_create_and_list(gw: Gateway) -> None:
+    assert gw.cli("apps:create", "shop").stdout == "Created shop\n"
+    gw.cli("apps:create", "blog")
+    assert gw.cli("apps").stdout == "blog\nshop\n"
+    listed = json.loads(gw.cli("apps", "--json").stdout)
+    assert [app["name"] for app in listed] == ["blog", "shop"]
+    again = gw.cli("apps:create", "shop", check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    bad = gw.cli("apps:create", "Shop_1", check=False)
+    assert bad.returncode == 1 and "invalid app name 'Shop_1'" in bad.stderr
+
+
+def test_releases_count_up_and_record_the_procfile(gw: Gateway, tmp_path: Path) -> None:
+    gw.cli("apps:create", "shop")
+    slug = make_slug(tmp_path / "s.tgz", {"Procfile": "worker: sh w.sh\n", "w.sh": "echo\n"})
+    assert gw.cli("releases:create", "shop", str(slug)).stdout.startswith("Released v1 of shop")
+    second = json.loads(gw.cli("releases:create", "shop", str(slug), "--json").stdout)
+    assert second["version"] == 2 and second["procfile"] == {"worker": "sh w.sh"}
+    listed = json.loads(gw.cli("releases", "shop", "--json").stdout)
+    assert [r["version"] for r in listed] == [1, 2]
+    assert (gw.state_dir / "releases" / "shop" / "v2" / "w.sh").read_text() == "echo\n"
+
+
+def test_heroku_style_app_prefix_is_accepted(gw: Gateway, tmp_path: Path) -> None:
+    gw.cli("apps:create", "shop")
+    slug = make_slug(tmp_path / "s.tgz", {"Procfile": "web: x\n"}, prefix="./app/")
+    gw.cli("releases:create", "shop", str(slug))
+    assert (gw.state_dir / "releases" / "shop" / "v1" / "Procfile").exists()
+
+
+def _tar(path: Path, *members: tuple[tarfile.TarInfo, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return path
+
+
+def _member(
+    name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, link: str = ""
+) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname = kind, mode, link
+    return info
+
+
+BAD_SLUGS = {
+    "absolute": ((_member("/etc/evil"), b"x"),),
+    "dotdot": ((_member("a/../../evil"), b"x"),),
+    "symlink_out": ((_member("link", tarfile.SYMTYPE, link="../../etc/passwd"), b""),),
+    "hardlink": ((_member("f"), b"x"), (_member("h", tarfile.LNKTYPE, link="f"), b"")),
+    "device": ((_member("dev", tarfile.CHRTYPE), b""),),
+    "fifo": ((_member("pipe", tarfile.FIFOTYPE), b""),),
+    "setuid": ((_member("suid", mode=0o4755), b"x"),),
+    "setgid": ((_member("sgid", mode=0o2755), b"x"),),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_SLUGS))
+def test_bad_slugs_are_refused_and_change_nothing(gw: Gateway, tmp_path: Path, kind: str) -> None:
+    gw.cli("apps:create", "shop")
+    gw.cli("releases:create", "shop", str(make_slug(tmp_path / "good.tgz", {"a": "b"})))
+    before = gw.cli("releases", "shop", "--json").stdout
+    bad = _tar(tmp_path / f"{kind}.tgz", *BAD_SLUGS[kind])
+    result = gw.cli("releases:create", "shop", str(bad), check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("gateway: slug refused: ")
+    assert gw.cli("releases", "shop", "--json").stdout == before
+    assert sorted(os.listdir(gw.state_dir / "releases" / "shop")) == ["v1"]
+    assert sorted(os.listdir(gw.state_dir / "slugs" / "shop")) == ["v1.tgz"]
+
+
+def test_oversized_and_garbage_slugs_are_refused(gw: Gateway, tmp_path: Path) -> None:
+    gw.config_path.write_text(gw.config_path.read_text() + "[slugs]\nmax_unpacked_bytes = 1000\n")
+    gw.cli("apps:create", "shop")
+    big = make_slug(tmp_path / "big.tgz", {"big.bin": b"\0" * 5000})
+    result = gw.cli("releases:create", "shop", str(big), check=False)
+    assert result.returncode == 1 and "slug refused" in result.stderr
+    garbage = tmp_path / "garbage.tgz"
+    garbage.write_text("this is not a tarball")
+    result = gw.cli("releases:create", "shop", str(garbage), check=False)
+    assert result.returncode == 1 and "not a gzipped tar archive" in result.stderr
+    assert gw.cli("releases", "shop", "--json").stdout.strip() == "[]"
+
+
+def test_config_vars_set_unset_and_show(gw: Gateway) -> None:
+    gw.cli("apps:create", "shop")
+    gw.cli("config:set", "shop", "A=1", "B=two=2", "EMPTY=")
+    assert json.loads(gw.cli("config", "shop", "--json").stdout) == {
+        "A": "1",
+        "B": "two=2",
+        "EMPTY": "",
+    }
+    gw.cli("config:unset", "shop", "A")
+    assert gw.cli("config", "shop").stdout == "B=two=2\nEMPTY=\n"
+    bad = gw.cli("config:set", "shop", "1BAD=x", check=False)
+    assert bad.returncode == 1 and "invalid config var name" in bad.stderr
+    missing = gw.cli("config", "nope-app", check=False)
+    assert missing.returncode == 1 and "no such app: 'nope-app'" in missing.stderr
+
+
+def test_keys_add_list_remove(gw: Gateway, tmp_path: Path) -> None:
+    gw.cli("apps:create", "shop")
+    pub = Path(f"{gw.client_key}.pub")
+    added = gw.cli("keys:add", "shop", str(pub)).stdout
+    fingerprint = added.split()[1]
+    assert fingerprint.startswith("SHA256:")
+    assert "Already there" in gw.cli("keys:add", "shop", str(pub)).stdout
+    assert json.loads(gw.cli("keys", "shop", "--json").stdout)[0]["fingerprint"] == fingerprint
+    junk = tmp_path / "junk.pub"
+    junk.write_text("ssh-ed25519 not-base64!\n")
+    bad = gw.cli("keys:add", "shop", str(junk), check=False)
+    assert bad.returncode == 1 and "line 1: key data is not base64" in bad.stderr
+    gw.cli("keys:remove", "shop", fingerprint)
+    assert gw.cli("keys", "shop").stdout == ""
+    gone = gw.cli("keys:remove", "shop", fingerprint, check=False)
+    assert gone.returncode == 1
+
+
+def test_host_keys_are_private_printed_and_never_replaced(gw: Gateway) -> None:
+    gw.start()
+    gw.stop()
+    keys = gw.root / "keys"
+    first = {
+        name: (keys / name).read_bytes() for name in ("ssh_host_ed25519_key", "ssh_host_rsa_key")
+    }
+    for name in first:
+        assert stat.S_IMODE((keys / name).stat().st_mode) == 0o600
+    assert any(line.startswith("host key ssh-ed25519 SHA256:") for line in gw.log)
+    gw.start()
+    assert {name: (keys / name).read_bytes() for name in first} == first

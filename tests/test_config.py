@@ -1,0 +1,64 @@
+"""Settings: every key known, every type checked, errors name the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load, parse
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    config = parse({})
+    assert config.ssh.listen == "127.0.0.1:2222"
+    assert (config.dynos.idle_timeout, config.dynos.max_lifetime) == (3600, 86400)
+    assert (config.dynos.stop_grace, config.dynos.sandbox) == (30, "auto")
+    assert config.state_dir == (Path.cwd() / "state").resolve()
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    config = load(write(tmp_path, 'state_dir = "s"\nkeys_dir = "/etc/k"\n'))
+    assert config.state_dir == tmp_path / "s"
+    assert config.keys_dir == Path("/etc/k")
+
+
+def test_environment_variable_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_CONFIG", str(write(tmp_path, "[dynos]\nstop_grace = 5\n")))
+    assert load().dynos.stop_grace == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[dynos]\nidle_timout = 5\n", "unknown key 'dynos.idle_timout'"),
+        ("colour = 1\n", "unknown key 'colour'"),
+        ('[dynos]\nidle_timeout = "1h"\n', "'dynos.idle_timeout' must be an integer"),
+        ("[dynos]\nidle_timeout = true\n", "'dynos.idle_timeout' must be an integer"),
+        ("[dynos]\nmax_lifetime = -1\n", "'dynos.max_lifetime' must not be negative"),
+        ('[dynos]\nsandbox = "docker"\n', "'dynos.sandbox' must be one of auto, bwrap, process"),
+        ('[ssh]\nlisten = "2222"\n', "'ssh.listen': expected HOST:PORT"),
+        ("ssh = 3\n", "'ssh' must be a table"),
+        ("state_dir = 3\n", "'state_dir' must be a string"),
+        ("[dynos\n", "not valid TOML"),
+    ],
+)
+def test_bad_settings_name_the_key_and_file(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert str(error.value).startswith(f"{path}: ")
+    assert message in str(error.value)
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load(tmp_path / "nope.toml")

@@ -1,0 +1,105 @@
+"""Pure logic, without sockets or processes: names, keys, messages, dyno states."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gateway.core import messages
+from gateway.core.authorized_keys import BadKey, parse_line, parse_text
+from gateway.core.dyno import BadTransition, Exit, State, transition
+from gateway.core.names import InvalidName, check_app_name, check_config_key, parse_dyno_name
+
+
+@pytest.mark.parametrize("name", ["abc", "my-app-2", "a" * 30])
+def test_app_names_heroku_accepts(name: str) -> None:
+    assert check_app_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["ab", "a" * 31, "2app", "My-app", "my_app", "-app", "app!"])
+def test_app_names_heroku_refuses(name: str) -> None:
+    with pytest.raises(InvalidName, match="3-30 lowercase"):
+        check_app_name(name)
+
+
+def test_config_keys_are_environment_names() -> None:
+    assert check_config_key("DATABASE_URL") == "DATABASE_URL"
+    for bad in ("1X", "A-B", "", "A B"):
+        with pytest.raises(InvalidName):
+            check_config_key(bad)
+
+
+def test_dyno_names() -> None:
+    assert parse_dyno_name("run.12") == 12
+    assert parse_dyno_name("run.0") is None
+    assert parse_dyno_name("web.1") is None
+
+
+def test_key_fingerprint_matches_ssh_keygen(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "me@x", "-f", key], check=True
+    )
+    parsed = parse_line((tmp_path / "k.pub").read_text())
+    listed = subprocess.run(["ssh-keygen", "-lf", f"{key}.pub"], capture_output=True, text=True)
+    assert parsed.fingerprint == listed.stdout.split()[1]
+    assert parsed.comment == "me@x"
+
+
+def test_authorized_keys_text_skips_comments_and_refuses_options(tmp_path: Path) -> None:
+    blob = base64.b64encode(b"\x00\x00\x00\x0bssh-ed25519" + b"\x00" * 36).decode()
+    keys = parse_text(f"# a comment\n\nssh-ed25519 {blob} one\nssh-ed25519 {blob}\n")
+    assert [k.comment for k in keys] == ["one", ""]
+    with pytest.raises(BadKey, match="line 1: authorized_keys options are not supported"):
+        parse_text(f'from="10.0.0.1" ssh-ed25519 {blob}\n')
+    with pytest.raises(BadKey, match="does not match its key type"):
+        parse_line(f"ssh-rsa {blob}")
+    with pytest.raises(BadKey, match="not base64"):
+        parse_line("ssh-ed25519 !!!")
+    with pytest.raises(BadKey, match="no public key found"):
+        parse_text("# nothing\n")
+
+
+def test_run_messages_are_checked_field_by_field() -> None:
+    data = messages.encode(
+        "run", app="a", command="ls", pty={"term": "xterm", "cols": 80, "rows": 24},
+        env={}, connection="c1",
+    )  # fmt: skip
+    request = messages.run_request(messages.decode(data))
+    assert request.pty == messages.Pty("xterm", 80, 24)
+    for bad in (b"not json", b"[1]", b'{"type": 3}'):
+        with pytest.raises(messages.BadMessage):
+            messages.decode(bad)
+    with pytest.raises(messages.BadMessage, match="'app' must be a string"):
+        messages.run_request({"type": "run", "app": 1, "connection": "c"})
+    with pytest.raises(messages.BadMessage, match="pty size"):
+        messages.run_request(
+            {
+                "type": "run",
+                "app": "a",
+                "connection": "c",
+                "pty": {"term": "x", "cols": -1, "rows": 1},
+            }
+        )
+    with pytest.raises(messages.BadMessage, match="not allowed"):
+        messages.signal_name({"type": "signal", "name": "STOP"})
+    assert messages.signal_name({"type": "signal", "name": "INT"}) == "INT"
+
+
+def test_dyno_states_never_come_back_from_an_end() -> None:
+    assert transition(State.STARTING, State.UP) is State.UP
+    assert transition(State.UP, State.COMPLETE) is State.COMPLETE
+    with pytest.raises(BadTransition):
+        transition(State.COMPLETE, State.UP)
+    with pytest.raises(BadTransition):
+        transition(State.CRASHED, State.STARTING)
+
+
+def test_exit_from_returncode() -> None:
+    assert Exit.from_returncode(3) == Exit(status=3)
+    assert Exit.from_returncode(-9) == Exit(signal="KILL")
+    assert Exit(signal="KILL").shell_status == 137
+    assert Exit(signal="TERM").shell_status == 143
