@@ -272,6 +272,22 @@ def keys_remove(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+# -- the app log -----------------------------------------------------------------------
+
+
+@command(
+    "logs",
+    "show the app log (Heroku's line format)",
+    app_arg,
+    lambda p: p.add_argument("-p", "--dyno", help="only this dyno's lines (run.N)"),
+    lambda p: p.add_argument("-n", "--num", type=int, default=100, help="how many lines"),
+)
+def logs(args: argparse.Namespace, config: Config) -> int:
+    for line in _store(config).read_log(args.app, dyno=args.dyno, lines=args.num):
+        print(line.format())
+    return 0
+
+
 # -- serving ---------------------------------------------------------------------------
 
 

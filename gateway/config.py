@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -54,12 +54,19 @@ class SlugSettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    # Heroku keeps an app's last 1500 log lines.
+    lines_per_app: int = 1500
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = Path("state")
     keys_dir: Path = Path("keys")
     ssh: SSHSettings = field(default_factory=SSHSettings)
     dynos: DynoSettings = field(default_factory=DynoSettings)
     slugs: SlugSettings = field(default_factory=SlugSettings)
+    logs: LogSettings = field(default_factory=LogSettings)
     source: str = "<defaults>"
 
     @property
@@ -134,12 +141,10 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
     except ValueError as exc:
         raise ConfigError(f"{source}: 'ssh.listen': {exc}") from None
     base = base or Path.cwd()
-    return Config(
+    return replace(
+        config,
         state_dir=(base / config.state_dir).resolve(),
         keys_dir=(base / config.keys_dir).resolve(),
-        ssh=config.ssh,
-        dynos=config.dynos,
-        slugs=config.slugs,
         source=source,
     )
 

@@ -24,7 +24,11 @@ async def serve(
     closes (the manager is gone); tell `ready_fd` once listening."""
     store = Store(config.db_path)
     host, port = config.ssh.host_port
-    context = {"manager_socket": config.manager_socket, "banner": config.dynos.banner}
+    context = {
+        "manager_socket": config.manager_socket,
+        "banner": config.dynos.banner,
+        "idle_timeout": config.dynos.idle_timeout,
+    }
     server = await asyncssh.create_server(
         lambda: GatewayServer(store, context),
         host,

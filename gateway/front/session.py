@@ -20,6 +20,7 @@ from typing import Any
 import asyncssh
 
 from gateway.core.messages import SIGNALS, Pty
+from gateway.front.idle import IdleDeadline
 from gateway.front.link import ManagerLink, ManagerUnavailable
 from gateway.front.pumps import InputPump, OutputPump
 
@@ -32,6 +33,7 @@ class SessionContext:
     connection: str
     manager_socket: Path
     banner: bool
+    idle_timeout: int
 
 
 class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
@@ -47,6 +49,7 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._outputs: list[OutputPump] = []
         self._fds: list[int] = []
         self._early_input: list[bytes | None] = []
+        self._idle: IdleDeadline | None = None
 
     # -- requests before the session starts --------------------------------------------
 
@@ -78,6 +81,8 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     # -- while it runs -----------------------------------------------------------------
 
     def data_received(self, data: bytes, _datatype: Any) -> None:
+        if self._idle is not None:
+            self._idle.touch()
         if self._input is not None:
             self._input.feed(data)
         else:
@@ -167,6 +172,7 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if self._pty is not None and self.context.banner:
             shown = self._command or "bash"
             chan.write_stderr(f"Running `{shown}` attached to terminal... up, {dyno}\r\n".encode())
+        self._idle = IdleDeadline(self.context.idle_timeout, self._idle_cutoff)
         drained = self._start_pumps(chan, fds)
         self._replay_early_input()
         exited = await self._link.receive()
@@ -185,6 +191,15 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def _start_pumps(self, chan: asyncssh.SSHServerChannel, fds: list[int]) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         drained: asyncio.Future[None] = loop.create_future()
+        idle = self._idle
+        assert idle is not None
+
+        def out(write: Any) -> Any:
+            def forward(data: bytes) -> None:
+                idle.touch()
+                write(data)
+
+            return forward
 
         def on_eof() -> None:
             if all(pump.eof for pump in self._outputs) and not drained.done():
@@ -193,14 +208,14 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if self._pty is not None:
             (master,) = fds
             self._input = InputPump(master, self._chan_pause, chan.resume_reading, False)
-            self._outputs = [OutputPump(master, chan.write, on_eof)]
+            self._outputs = [OutputPump(master, out(chan.write), on_eof)]
         else:
             stdin, stdout, stderr = fds
             self._fds = [stdout, stderr]  # the input pump owns stdin from here
             self._input = InputPump(stdin, self._chan_pause, chan.resume_reading, True)
             self._outputs = [
-                OutputPump(stdout, chan.write, on_eof),
-                OutputPump(stderr, chan.write_stderr, on_eof),
+                OutputPump(stdout, out(chan.write), on_eof),
+                OutputPump(stderr, out(chan.write_stderr), on_eof),
             ]
         for pump in self._outputs:
             pump.resume()
@@ -216,6 +231,17 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 self._input.feed(data)
         if early and not self._input.blocked:
             self._chan.resume_reading()
+
+    def _idle_cutoff(self) -> None:
+        """No bytes either way for idle_timeout: close the session; the dyno gets SIGHUP
+        when the link closes, as on a disconnect."""
+        log.info("session idle, closing %s idle_timeout=%d", self.where, self.context.idle_timeout)
+        if self._chan is not None:
+            self._chan.write_stderr(
+                f"\r\ngateway: no input or output for {self.context.idle_timeout} s, "
+                "closing the session\r\n".encode()
+            )
+            self._chan.close()
 
     def _chan_pause(self) -> None:
         if self._chan is not None:
@@ -235,6 +261,8 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def _close(self) -> None:
         """Release everything; closing the link is what tells the manager we are gone."""
+        if self._idle is not None:
+            self._idle.cancel()
         for pump in self._outputs:
             pump.pause()
         if self._input is not None:

@@ -7,15 +7,14 @@ is what runs where bubblewrap cannot. The bwrap sandbox replaces `argv` and `pre
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from gateway.core.messages import Pty
+from gateway.slugs import remove_tree
 
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -67,13 +66,17 @@ class ProcessSandbox:
         return workspace
 
     async def remove(self, workspace: Workspace) -> None:
-        await trio.to_thread.run_sync(_remove_tree, workspace.root)
+        if workspace.root.exists():
+            await trio.to_thread.run_sync(remove_tree, workspace.root)
 
     def remove_leftovers(self) -> None:
         """Remove the dirs of dynos that a previous manager did not see to their end."""
         if self.dynos_dir.exists():
             for leftover in self.dynos_dir.iterdir():
-                _remove_tree(leftover)
+                if leftover.is_dir() and not leftover.is_symlink():
+                    remove_tree(leftover)
+                else:
+                    leftover.unlink()
 
     def shell_path(self, root: Path = Path("/")) -> str:
         """bash where the dyno has it, else sh, as `heroku run` does."""
@@ -98,16 +101,3 @@ class ProcessSandbox:
             env["TERM"] = spec.pty.term or "xterm"
             env["COLUMNS"], env["LINES"] = str(spec.pty.cols), str(spec.pty.rows)
         return env
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove a dyno's tree even where the dyno made directories unwritable."""
-    if not path.exists():
-        return
-    os.chmod(path, 0o700)
-    for dirpath, dirnames, _ in os.walk(path):
-        for name in dirnames:
-            child = os.path.join(dirpath, name)
-            if not os.path.islink(child):
-                os.chmod(child, 0o700)
-    shutil.rmtree(path)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.core.applog import LogLine
 from gateway.core.dyno import ENDED, State
 
 # Each entry moves the schema one version up; never edit one that has shipped.
@@ -69,6 +70,17 @@ MIGRATIONS: list[str] = [
         UNIQUE (app_id, name)
     );
     CREATE INDEX dynos_by_state ON dynos (state);
+    """,
+    """
+    CREATE TABLE log_lines (
+        id INTEGER PRIMARY KEY,
+        app_id INTEGER NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
+        at REAL NOT NULL,
+        source TEXT NOT NULL,
+        dyno TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX log_lines_by_app ON log_lines (app_id, id);
     """,
 ]
 
@@ -371,6 +383,34 @@ class Store:
             sql += " WHERE " + " AND ".join(clauses)
         rows = self._db.execute(sql + " ORDER BY dynos.id", args)
         return [_dyno(row) for row in rows]
+
+    # -- the app log -----------------------------------------------------------------
+
+    def append_log(self, app: str, lines: list[LogLine], keep: int) -> None:
+        """Add lines to the app's log, keeping only its newest `keep` lines."""
+        if not lines:
+            return
+        app_id = self.app(app).id
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO log_lines (app_id, at, source, dyno, message) VALUES (?, ?, ?, ?, ?)",
+                [(app_id, line.at, line.source, line.dyno, line.message) for line in lines],
+            )
+            db.execute(
+                "DELETE FROM log_lines WHERE app_id = ? AND id <= (SELECT id FROM log_lines"
+                " WHERE app_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (app_id, app_id, keep),
+            )
+
+    def read_log(self, app: str, dyno: str | None = None, lines: int = 100) -> list[LogLine]:
+        """The app's last `lines` log lines (of one dyno, if given), oldest first."""
+        sql = "SELECT at, source, dyno, message FROM log_lines WHERE app_id = ?"
+        args: list[object] = [self.app(app).id]
+        if dyno is not None:
+            sql += " AND dyno = ?"
+            args.append(dyno)
+        rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", [*args, lines]).fetchall()
+        return [LogLine(**row) for row in reversed(rows)]
 
 
 def _dyno(row: sqlite3.Row) -> Dyno:
