@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 SANDBOXES = ("auto", "bwrap", "process")
+NETWORKS = ("outbound", "none", "host")
+# Read-only system dirs a bwrap dyno sees (the "stack"); those missing on the host are skipped.
+DEFAULT_STACK = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,32 @@ class DynoSettings:
     shell: str = "bash"
     # Show `Running ... attached to terminal... up, run.N` on stderr for PTY sessions.
     banner: bool = True
+    # Concurrent one-off dynos: per app (Heroku's 50) and on this host.
+    max_per_app: int = 50
+    max_per_host: int = 200
+    # bwrap sandbox: the dyno's network, the host dirs it sees read-only, its /tmp cap.
+    network: str = "outbound"
+    stack: tuple[str, ...] = DEFAULT_STACK
+    tmp_max_bytes: int = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class SizeSettings:
+    """A dyno size: memory in MB, the most processes, and a CPU share (1.0 = one core)."""
+
+    memory: int = 512
+    pids: int = 256
+    cpu: float = 1.0
+
+
+# Heroku's documented limits (HEROKU-COMPAT.md); `[sizes.NAME]` adds or replaces.
+DEFAULT_SIZES = {
+    "standard-1x": SizeSettings(memory=512, pids=256, cpu=1.0),
+    "standard-2x": SizeSettings(memory=1024, pids=512, cpu=2.0),
+    "performance-m": SizeSettings(memory=2560, pids=16384, cpu=2.0),
+    "performance-l": SizeSettings(memory=14336, pids=32768, cpu=2.0),
+}
+DEFAULT_SIZE = "standard-1x"
 
 
 @dataclass(frozen=True)
@@ -67,6 +96,7 @@ class Config:
     dynos: DynoSettings = field(default_factory=DynoSettings)
     slugs: SlugSettings = field(default_factory=SlugSettings)
     logs: LogSettings = field(default_factory=LogSettings)
+    sizes: dict[str, SizeSettings] = field(default_factory=lambda: dict(DEFAULT_SIZES))
     source: str = "<defaults>"
 
     @property
@@ -111,6 +141,23 @@ def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {name!r} must be a table")
             kwargs[key] = _build(expected, value, f"{name}.", source)
+        elif key == "sizes":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {name!r} must be a table")
+            sizes = dict(DEFAULT_SIZES)
+            for size, table in value.items():
+                if not isinstance(table, dict):
+                    raise ConfigError(f"{source}: 'sizes.{size}' must be a table")
+                sizes[size] = _build(SizeSettings, table, f"sizes.{size}.", source)
+            kwargs[key] = sizes
+        elif expected == tuple[str, ...]:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{source}: {name!r} must be a list of strings")
+            kwargs[key] = tuple(value)
+        elif expected is float:
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"{source}: {name!r} must be a positive number")
+            kwargs[key] = float(value)
         elif expected is Path:
             if not isinstance(value, str):
                 raise ConfigError(f"{source}: {name!r} must be a string (a path)")
@@ -135,6 +182,11 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
         raise ConfigError(
             f"{source}: 'dynos.sandbox' must be one of {', '.join(SANDBOXES)}, "
             f"got {config.dynos.sandbox!r}"
+        )
+    if config.dynos.network not in NETWORKS:
+        raise ConfigError(
+            f"{source}: 'dynos.network' must be one of {', '.join(NETWORKS)}, "
+            f"got {config.dynos.network!r}"
         )
     try:
         config.ssh.host_port  # noqa: B018 - validates the listen address

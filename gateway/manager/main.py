@@ -17,7 +17,7 @@ from collections.abc import Callable
 import trio
 
 from gateway.config import Config
-from gateway.manager.sandbox import ProcessSandbox
+from gateway.manager.sandbox import ProcessSandbox, Sandbox
 from gateway.manager.supervisor import Manager
 from gateway.store import Store
 
@@ -47,17 +47,14 @@ async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], No
         nursery.cancel_scope.cancel()
 
 
-def choose_sandbox(config: Config) -> ProcessSandbox:
+def choose_sandbox(config: Config) -> Sandbox:
     """The sandbox `dynos.sandbox` asks for, said loudly, or SandboxUnavailable."""
     if config.dynos.sandbox == "bwrap":
         raise SandboxUnavailable(
             'dynos.sandbox = "bwrap" is not available in this version; use "auto" or "process"'
         )
     sandbox = ProcessSandbox(config.dynos_dir, config.dynos.shell)
-    log.warning(
-        "sandbox in force: process (own copy of the app, own session, no namespaces: "
-        "dynos can see the host's processes and files)"
-    )
+    log.warning(sandbox.describe())
     return sandbox
 
 

@@ -1,8 +1,9 @@
-"""Where a dyno runs: its own writable copy of the release, its own session, its env.
+"""Where a dyno runs. `Sandbox` is what the supervisor needs of any sandbox;
+`ProcessSandbox` is the plain one.
 
-This is the plain process sandbox (no namespaces): it keeps dynos from seeing each
-other's files and from sharing a terminal or process group with the gateway, and it
-is what runs where bubblewrap cannot. The bwrap sandbox replaces `argv` and `prepare`.
+The process sandbox (no namespaces) keeps dynos from seeing each other's files and from
+sharing a terminal or process group with the gateway; it is what runs where bubblewrap
+cannot, and `gateway serve` says so loudly.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -38,6 +40,44 @@ class DynoSpec:
     config_vars: dict[str, str]
     pty: Pty | None
     release_dir: Path
+    size: str = "standard-1x"
+
+
+@dataclass(frozen=True)
+class Command:
+    """How to start a dyno's process: the supervisor adds stdio and a new session."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+
+
+class Sandbox(Protocol):
+    name: str
+    shell: str  # the shell's name, for records and banners ("bash")
+
+    def describe(self) -> str:
+        """One line for the log at start: which sandbox, and what it does not isolate."""
+        ...
+
+    async def prepare(self, spec: DynoSpec) -> Workspace:
+        """Make the dyno's private, writable view of its release."""
+        ...
+
+    def command(self, spec: DynoSpec, workspace: Workspace) -> Command: ...
+
+    def end_reason(self, workspace: Workspace) -> list[str]:
+        """Heroku error lines for the app log when the sandbox's limits ended the dyno
+        (for example R15 for memory); empty otherwise. Called after the process ended."""
+        ...
+
+    async def remove(self, workspace: Workspace) -> None:
+        """Remove everything the dyno had: processes left, mounts, limits, files."""
+        ...
+
+    def remove_leftovers(self) -> None:
+        """At start: remove what dynos of a previous, dead manager left behind."""
+        ...
 
 
 class ProcessSandbox:
@@ -46,6 +86,12 @@ class ProcessSandbox:
     def __init__(self, dynos_dir: Path, shell: str) -> None:
         self.dynos_dir = dynos_dir
         self.shell = shell
+
+    def describe(self) -> str:
+        return (
+            "sandbox in force: process (own copy of the app, own session, no namespaces: "
+            "dynos can see the host's processes and files)"
+        )
 
     async def prepare(self, spec: DynoSpec) -> Workspace:
         """Copy the release into a fresh private dir (mode 0700)."""
@@ -82,6 +128,12 @@ class ProcessSandbox:
         """bash where the dyno has it, else sh, as `heroku run` does."""
         wanted = root / "bin" / self.shell
         return str(Path("/bin") / self.shell) if wanted.exists() else "/bin/sh"
+
+    def command(self, spec: DynoSpec, workspace: Workspace) -> Command:
+        return Command(self.argv(spec), self.env(spec, workspace), workspace.app)
+
+    def end_reason(self, workspace: Workspace) -> list[str]:
+        return []
 
     def argv(self, spec: DynoSpec) -> list[str]:
         shell = self.shell_path()

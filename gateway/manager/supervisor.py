@@ -32,7 +32,7 @@ from gateway.core.messages import (
 from gateway.core.procfile import resolve_command
 from gateway.ipc import ANCILLARY_SPACE, RECV_SIZE, ancillary, unpack
 from gateway.manager.applog import AppLog
-from gateway.manager.sandbox import DynoSpec, ProcessSandbox, Workspace
+from gateway.manager.sandbox import DynoSpec, Sandbox, Workspace
 from gateway.store import Store
 
 log = logging.getLogger("gateway.manager")
@@ -46,7 +46,7 @@ class RunRefused(Exception):
 
 
 class Manager:
-    def __init__(self, config: Config, store: Store, sandbox: ProcessSandbox) -> None:
+    def __init__(self, config: Config, store: Store, sandbox: Sandbox) -> None:
         self.config = config
         self.store = store
         self.sandbox = sandbox
@@ -124,6 +124,7 @@ class Manager:
             config_vars=self.store.get_config(app.name),
             pty=request.pty,
             release_dir=self.config.releases_dir / app.name / f"v{release.version}",
+            size=record.size,
         )
         where = f"app={app.name} dyno={record.name} conn={request.connection}"
         log.info("dyno starting %s release=v%d command=%r", where, release.version, record.command)
@@ -140,6 +141,7 @@ class Manager:
             self.applog.heroku(
                 app.name,
                 record.name,
+                *self.sandbox.end_reason(workspace),
                 applog.exited(exit.shell_status),
                 applog.state_changed("up", "complete"),
             )
@@ -155,13 +157,14 @@ class Manager:
         """Start the process, hand its stdio to the front, and see it to its end."""
         stdio = Stdio(spec.pty)
         try:
+            command = self.sandbox.command(spec, workspace)
             process = await trio.lowlevel.open_process(
-                self.sandbox.argv(spec),
+                command.argv,
                 stdin=stdio.child[0],
                 stdout=stdio.child[1],
                 stderr=stdio.child[2],
-                env=self.sandbox.env(spec, workspace),
-                cwd=workspace.app,
+                env=command.env,
+                cwd=command.cwd,
                 start_new_session=spec.pty is None,
             )
         except BaseException:
