@@ -10,7 +10,8 @@ import secrets
 import shutil
 import sys
 import tarfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,8 +20,10 @@ from typing import Any
 from gateway import config as config_module
 from gateway.config import Config, ConfigError
 from gateway.core.authorized_keys import BadKey, parse_text
+from gateway.core.commands import format_ps
 from gateway.core.names import InvalidName, check_app_name, check_config_key
 from gateway.keys import ensure_host_keys, public_key, write_key_pair
+from gateway.manager_client import ManagerUnreachable, request
 from gateway.store import Store, StoreError
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -277,15 +280,100 @@ def keys_remove(args: argparse.Namespace, config: Config) -> int:
 
 @command(
     "logs",
-    "show the app log (Heroku's line format)",
+    "show the app log (Heroku's line format); --tail follows it",
     app_arg,
     lambda p: p.add_argument("-p", "--dyno", help="only this dyno's lines (run.N)"),
     lambda p: p.add_argument("-n", "--num", type=int, default=100, help="how many lines"),
+    lambda p: p.add_argument("-t", "--tail", action="store_true", help="follow new lines"),
 )
 def logs(args: argparse.Namespace, config: Config) -> int:
-    for line in _store(config).read_log(args.app, dyno=args.dyno, lines=args.num):
-        print(line.format())
+    if not args.tail:
+        for line in _store(config).read_log(args.app, dyno=args.dyno, lines=args.num):
+            print(line.format())
+        return 0
+    fields = {"app": args.app, "dyno": args.dyno, "lines": args.num, "tail": True}
+    for message in _manager(config, "logs", **fields):
+        if message["type"] == "log":
+            for line in message["lines"]:
+                print(line, flush=True)
+        elif message["type"] == "dropped":
+            print(f"gateway: {message['count']} log lines dropped", file=sys.stderr)
     return 0
+
+
+# -- dynos -----------------------------------------------------------------------------
+
+
+@command("ps", "list an app's running one-off dynos", app_arg, json_arg)
+def ps(args: argparse.Namespace, config: Config) -> int:
+    rows = [dyno.row() for dyno in _store(config).list_dynos(args.app, running=True)]
+    if args.json:
+        _print_json([row.as_json() for row in rows])
+    else:
+        print(format_ps(rows, time.time()), end="")
+    return 0
+
+
+@command(
+    "ps:stop",
+    "stop a dyno: SIGTERM, stop_grace, SIGKILL",
+    app_arg,
+    lambda p: p.add_argument("dyno", help="run.N"),
+)
+def ps_stop(args: argparse.Namespace, config: Config) -> int:
+    for _ in _manager(config, "stop", app=args.app, dyno=args.dyno):
+        print(f"Stopping {args.dyno} dyno on {args.app}... done")
+    return 0
+
+
+@command(
+    "apps:update",
+    "change an app's default dyno size",
+    app_arg,
+    lambda p: p.add_argument("--size", required=True, help="a size from [sizes]"),
+)
+def apps_update(args: argparse.Namespace, config: Config) -> int:
+    if args.size not in config.sizes:
+        raise UserError(f"unknown dyno size {args.size!r}: choose one of {', '.join(config.sizes)}")
+    _store(config).set_app_size(args.app, args.size)
+    print(f"{args.app} now runs {args.size} dynos by default")
+    return 0
+
+
+@command(
+    "usage",
+    "dyno-seconds of ended dynos, per app and size",
+    lambda p: p.add_argument("app", nargs="?", help="only this app"),
+    lambda p: p.add_argument("--since", help="only dynos started on or after DATE (YYYY-MM-DD)"),
+    json_arg,
+)
+def usage(args: argparse.Namespace, config: Config) -> int:
+    since = 0.0
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since).replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            raise UserError(
+                f"--since takes a date such as 2026-11-01, not {args.since!r}"
+            ) from None
+    rows = _store(config).usage(args.app, since)
+    if args.json:
+        _print_json([asdict(row) for row in rows])
+        return 0
+    for row in rows:
+        print(f"{row.app}  {row.size}  {row.dynos} dynos  {row.seconds:.0f} dyno-seconds")
+    return 0
+
+
+def _manager(config: Config, kind: str, **fields: Any) -> Iterator[dict[str, Any]]:
+    """The running gateway's replies to one request; its errors become UserErrors."""
+    try:
+        for message in request(config.manager_socket, kind, **fields):
+            if message["type"] == "error":
+                raise UserError(str(message["message"]))
+            yield message
+    except ManagerUnreachable as exc:
+        raise UserError(str(exc)) from None
 
 
 # -- serving ---------------------------------------------------------------------------

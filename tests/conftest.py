@@ -48,7 +48,8 @@ class Gateway:
     root: Path
     port: int
     client_key: Path
-    extra_config: str = ""
+    extra_config: str = ""  # appended to the [dynos] table
+    ssh_config: str = ""  # appended to the [ssh] table
     process: subprocess.Popen[bytes] | None = None
     log: list[str] = field(default_factory=list)
 
@@ -63,7 +64,7 @@ class Gateway:
     def write_config(self) -> None:
         self.config_path.write_text(
             'state_dir = "state"\nkeys_dir = "keys"\n'
-            f'[ssh]\nlisten = "127.0.0.1:{self.port}"\n'
+            f'[ssh]\nlisten = "127.0.0.1:{self.port}"\n{self.ssh_config}'
             f'[dynos]\nsandbox = "process"\n{self.extra_config}'
         )
 
@@ -104,6 +105,7 @@ class Gateway:
     def stop(self) -> None:
         if self.process is None:
             return
+        (self.root / "gateway.log").write_text("\n".join(self.log) + "\n")
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(30)

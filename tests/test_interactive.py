@@ -11,6 +11,7 @@ import base64
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -191,6 +192,29 @@ def test_idle_sessions_are_cut_and_busy_ones_are_not(short_gateway: Gateway) -> 
     busy = gw.ssh(app, "for i in 1 2 3 4 5; do echo $i; sleep 0.9; done")
     assert busy.returncode == 0
     assert busy.stdout == b"1\n2\n3\n4\n5\n"
+
+
+def test_a_silent_client_is_noticed_by_keepalives(own_gateway: Gateway) -> None:
+    """A client that stops answering (stopped process, lost network) is taken as gone
+    after keepalive_interval * keepalive_count_max, and its dyno gets SIGHUP."""
+    own_gateway.ssh_config = "keepalive_interval = 1\nkeepalive_count_max = 2\n"
+    own_gateway.write_config()
+    own_gateway.start()
+    app = own_gateway.new_app()
+    marker = f"sleep 1000.{os.getpid()}9"
+    client = subprocess.Popen(
+        own_gateway.ssh_argv(app, marker), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+    try:
+        assert wait_until(lambda: _pids_with(marker, client), 10)
+        client.send_signal(signal.SIGSTOP)  # the TCP connection stays open, but silent
+        stopped = time.monotonic()
+        assert wait_until(lambda: not _pids_with(marker, client), 8)
+        assert time.monotonic() - stopped >= 1.5
+    finally:
+        client.kill()
+        client.wait()
+    assert "Process exited with status 129" in own_gateway.cli("logs", app).stdout
 
 
 def test_max_lifetime_cycles_the_dyno(own_gateway: Gateway) -> None:

@@ -3,12 +3,15 @@
 Pure: encoding, decoding and checking only. Both processes go through `decode`, so a
 malformed packet is refused the same way on either side.
 
-Front -> manager:   run {app, command|null, pty|null, env, connection}
-                    signal {name}
-Manager -> front:   started {dyno, command} (+ fds: a PTY master, or stdin/stdout/stderr)
-                    exited {status|null, signal|null}
-                    error {message}
-A closed connection means the client went away: the manager hangs up the dyno.
+Each connection carries one request and what follows from it:
+
+  run {app, command|null, pty|null, env, size|null, attach, connection}
+      -> started {dyno, size} (+ fds when attached: a PTY master, or stdin/stdout/stderr)
+      then, front -> manager: signal {name}; manager -> front: exited {status|null, signal|null}
+      A closed connection means the client went away: the manager hangs up the dyno.
+  stop {app, dyno}                     -> stopping {dyno}
+  logs {app, dyno|null, lines, tail}   -> log {lines}... dropped {count}... end
+Any request may instead be answered with error {message}.
 """
 
 from __future__ import annotations
@@ -44,6 +47,22 @@ class RunRequest:
     pty: Pty | None
     env: dict[str, str]
     connection: str
+    size: str | None = None
+    attach: bool = True
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    app: str
+    dyno: str
+
+
+@dataclass(frozen=True)
+class LogsRequest:
+    app: str
+    dyno: str | None
+    lines: int
+    tail: bool
 
 
 def encode(kind: str, **fields: Any) -> bytes:
@@ -88,13 +107,51 @@ def run_request(message: dict[str, Any]) -> RunRequest:
         isinstance(k, str) and isinstance(v, str) for k, v in env.items()
     ):
         raise BadMessage("run: 'env' must map strings to strings")
+    attach = message.get("attach", True)
+    if not isinstance(attach, bool):
+        raise BadMessage("run: 'attach' must be true or false")
     return RunRequest(
         app=_str(message, "app"),
         command=_str(message, "command", optional=True),
         pty=pty,
         env=env,
         connection=_str(message, "connection"),
+        size=_str(message, "size", optional=True),
+        attach=attach,
     )
+
+
+def stop_request(message: dict[str, Any]) -> StopRequest:
+    return StopRequest(app=_str(message, "app"), dyno=_str(message, "dyno"))
+
+
+def logs_request(message: dict[str, Any]) -> LogsRequest:
+    lines = message.get("lines", 100)
+    if isinstance(lines, bool) or not isinstance(lines, int) or not 0 <= lines <= 100_000:
+        raise BadMessage("logs: 'lines' must be a count")
+    tail = message.get("tail", False)
+    if not isinstance(tail, bool):
+        raise BadMessage("logs: 'tail' must be true or false")
+    return LogsRequest(
+        app=_str(message, "app"),
+        dyno=_str(message, "dyno", optional=True),
+        lines=lines,
+        tail=tail,
+    )
+
+
+def batches(lines: list[str], limit: int = MAX_PACKET - 1024) -> list[list[str]]:
+    """Split lines into groups whose `log` message fits one packet."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for line in lines:
+        cost = len(json.dumps(line)) + 1
+        if groups[-1] and size + cost > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(line)
+        size += cost
+    return groups if groups[0] else []
 
 
 def signal_name(message: dict[str, Any]) -> str:

@@ -20,7 +20,10 @@ class ManagerLink:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed = False
 
     @classmethod
     async def open(cls, path: Path) -> ManagerLink:
@@ -38,8 +41,11 @@ class ManagerLink:
         await self._loop.sock_sendall(self._sock, encode(kind, **fields))
 
     async def receive(self) -> tuple[dict[str, Any], list[int]] | None:
-        """The next message and the fds it carried, or None when the manager hung up."""
+        """The next message and the fds it carried, or None when the manager hung up or
+        the link was closed on our side."""
         while True:
+            if self.closed:
+                return None
             try:
                 data, anc, flags, _ = self._sock.recvmsg(RECV_SIZE, ANCILLARY_SPACE)
             except BlockingIOError:
@@ -52,13 +58,22 @@ class ManagerLink:
             return unpack(data, anc, flags)
 
     async def _readable(self) -> None:
-        ready = self._loop.create_future()
-        fd = self._sock.fileno()
-        self._loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+        ready = self._waiter = self._loop.create_future()
+        self._loop.add_reader(self._fd, lambda: ready.done() or ready.set_result(None))
         try:
             await ready
         finally:
-            self._loop.remove_reader(fd)
+            # Once closed, the fd number may already belong to another socket.
+            if not self.closed:
+                self._loop.remove_reader(self._fd)
+            self._waiter = None
 
     def close(self) -> None:
+        """Close the connection; a receive() waiting on it returns None."""
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self._fd)
         self._sock.close()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)

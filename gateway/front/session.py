@@ -19,10 +19,13 @@ from typing import Any
 
 import asyncssh
 
+from gateway.core import commands
 from gateway.core.messages import SIGNALS, Pty
 from gateway.front.idle import IdleDeadline
 from gateway.front.link import ManagerLink, ManagerUnavailable
 from gateway.front.pumps import InputPump, OutputPump
+from gateway.front.reserved import ReservedCommand
+from gateway.store import Store
 
 log = logging.getLogger("gateway.front")
 
@@ -34,6 +37,7 @@ class SessionContext:
     manager_socket: Path
     banner: bool
     idle_timeout: int
+    store: Store
 
 
 class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
@@ -50,6 +54,9 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._fds: list[int] = []
         self._early_input: list[bytes | None] = []
         self._idle: IdleDeadline | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.on_input: Any = None  # reserved commands watch input (Ctrl-C ends a tail)
 
     # -- requests before the session starts --------------------------------------------
 
@@ -85,6 +92,8 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self._idle.touch()
         if self._input is not None:
             self._input.feed(data)
+        elif self.on_input is not None:
+            self.on_input(data)
         else:
             # Until the dyno is up: hold it, and stop the channel so it stays one window.
             self._early_input.append(data)
@@ -112,10 +121,12 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             fcntl.ioctl(self._fds[0], termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
     def pause_writing(self) -> None:
+        self._writable.clear()
         for pump in self._outputs:
             pump.pause()
 
     def resume_writing(self) -> None:
+        self._writable.set()
         for pump in self._outputs:
             pump.resume()
 
@@ -129,31 +140,48 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     async def _run(self) -> None:
         try:
-            await self._attach()
-        finally:
-            self._close()
-
-    async def _attach(self) -> None:
-        chan = self._chan
-        assert chan is not None
-        try:
-            self._link = await ManagerLink.open(self.context.manager_socket)
+            try:
+                reserved = commands.parse(self._command) if self._command is not None else None
+            except commands.UsageError as exc:
+                self._fail(str(exc))
+                return
+            if reserved is None:
+                await self._attach(self._command)
+            elif isinstance(reserved, commands.Run) and reserved.attach:
+                await self._attach(reserved.command, reserved.size, reserved.env)
+            else:
+                await ReservedCommand(self, reserved).run()
         except ManagerUnavailable as exc:
             log.error("manager unavailable %s error=%s", self.where, exc)
             self._fail("the dyno manager is not available; try again shortly")
-            return
+        finally:
+            self._close()
+
+    async def open_link(self) -> ManagerLink:
+        """A new connection to the manager, closed with the session."""
+        self._link = await ManagerLink.open(self.context.manager_socket)
+        return self._link
+
+    async def _attach(
+        self, command: str | None, size: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        chan = self._chan
+        assert chan is not None
+        link = await self.open_link()
         pty = None
         if self._pty is not None:
             pty = {"term": self._pty.term, "cols": self._pty.cols, "rows": self._pty.rows}
-        await self._link.send(
+        await link.send(
             "run",
             app=self.context.app,
-            command=self._command,
+            command=command,
             pty=pty,
-            env={},
+            env=env or {},
+            size=size,
+            attach=True,
             connection=self.context.connection,
         )
-        reply = await self._link.receive()
+        reply = await link.receive()
         if reply is None:
             self._fail("the dyno manager went away; try again shortly")
             return
@@ -170,12 +198,12 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.where = f"app={self.context.app} dyno={dyno} conn={self.context.connection}"
         log.info("session attached %s pty=%s", self.where, self._pty is not None)
         if self._pty is not None and self.context.banner:
-            shown = self._command or "bash"
+            shown = command or "bash"
             chan.write_stderr(f"Running `{shown}` attached to terminal... up, {dyno}\r\n".encode())
         self._idle = IdleDeadline(self.context.idle_timeout, self._idle_cutoff)
         drained = self._start_pumps(chan, fds)
         self._replay_early_input()
-        exited = await self._link.receive()
+        exited = await link.receive()
         await drained
         if exited is None or exited[0]["type"] != "exited":
             log.error("manager lost the dyno %s", self.where)
@@ -255,9 +283,31 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             pass
 
     def _fail(self, message: str) -> None:
+        self.write(f"gateway: {message}\n", stderr=True)
+        self.exit(1)
+
+    def write(self, text: str, stderr: bool = False) -> None:
+        """Text for the client; line ends become CRLF when its terminal is in raw mode."""
         assert self._chan is not None
-        self._chan.write_stderr(f"gateway: {message}\r\n".encode())
-        self._chan.exit(1)
+        if self._pty is not None:
+            text = text.replace("\r\n", "\n").replace("\n", "\r\n")
+        data = text.encode()
+        if stderr:
+            self._chan.write_stderr(data)
+        else:
+            self._chan.write(data)
+
+    def exit(self, status: int) -> None:
+        assert self._chan is not None
+        self._chan.exit(status)
+
+    @property
+    def has_terminal(self) -> bool:
+        return self._pty is not None
+
+    async def writable(self) -> None:
+        """Wait while the client is not taking our output (the channel paused us)."""
+        await self._writable.wait()
 
     def _close(self) -> None:
         """Release everything; closing the link is what tells the manager we are gone."""

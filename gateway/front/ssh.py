@@ -80,5 +80,10 @@ class GatewayServer(asyncssh.SSHServer):
     def session_requested(self) -> tuple[asyncssh.SSHServerChannel, DynoSession]:
         assert self._conn is not None
         channel = adopt(self._conn.create_server_channel(encoding=None))
-        context = SessionContext(app=self.app, connection=self.id, **self.context)  # type: ignore[arg-type]
+        context = SessionContext(
+            app=self.app,
+            connection=self.id,
+            store=self.store,
+            **self.context,  # type: ignore[arg-type]
+        )
         return channel, DynoSession(context)

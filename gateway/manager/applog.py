@@ -1,24 +1,73 @@
-"""Writing the app log: dyno lifecycle lines and the output of detached dynos."""
+"""Writing the app log, and feeding it live to `run:logs --tail` readers.
+
+A reader never slows a dyno: each has a bounded queue, and lines that do not fit are
+counted as dropped, and the reader is told how many.
+"""
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
 
 from gateway.core.applog import LogLine
 from gateway.store import Store
+
+FEED_CAPACITY = 1000
+
+
+class LogFeed:
+    """One live reader's queue of new lines for an app (or one of its dynos)."""
+
+    def __init__(self, dyno: str | None) -> None:
+        self.dyno = dyno
+        self._send, self.receive = trio.open_memory_channel[LogLine](FEED_CAPACITY)
+        self.dropped = 0
+
+    def offer(self, line: LogLine) -> None:
+        if self.dyno is not None and line.dyno != self.dyno:
+            return
+        try:
+            self._send.send_nowait(line)
+        except trio.WouldBlock:
+            self.dropped += 1
+
+    def take_dropped(self) -> int:
+        dropped, self.dropped = self.dropped, 0
+        return dropped
 
 
 class AppLog:
     def __init__(self, store: Store, lines_per_app: int) -> None:
         self.store = store
         self.keep = lines_per_app
+        self._feeds: dict[str, set[LogFeed]] = defaultdict(set)
 
     def heroku(self, app: str, dyno: str, *messages: str) -> None:
         """Lines from the platform about a dyno (`heroku[run.N]: ...`)."""
-        now = time.time()
-        self.store.append_log(app, [LogLine(now, "heroku", dyno, m) for m in messages], self.keep)
+        self._append(app, [LogLine(time.time(), "heroku", dyno, m) for m in messages])
 
     def output(self, app: str, dyno: str, lines: list[str]) -> None:
         """Lines a dyno printed (`app[run.N]: ...`)."""
-        now = time.time()
-        self.store.append_log(app, [LogLine(now, "app", dyno, m) for m in lines], self.keep)
+        self._append(app, [LogLine(time.time(), "app", dyno, m) for m in lines])
+
+    def _append(self, app: str, lines: list[LogLine]) -> None:
+        self.store.append_log(app, lines, self.keep)
+        for feed in self._feeds.get(app, ()):
+            for line in lines:
+                feed.offer(line)
+
+    @contextmanager
+    def follow(self, app: str, dyno: str | None) -> Iterator[LogFeed]:
+        """A live feed of the app's new lines while the block runs."""
+        feed = LogFeed(dyno)
+        self._feeds[app].add(feed)
+        try:
+            yield feed
+        finally:
+            self._feeds[app].discard(feed)
+            if not self._feeds[app]:
+                del self._feeds[app]

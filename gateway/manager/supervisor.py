@@ -8,31 +8,33 @@ and the dyno's process group gets SIGHUP, as sshd's sessions do.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import signal
-import struct
-import termios
 
 import trio
 
 from gateway.config import Config
 from gateway.core import applog
-from gateway.core.applog import LineSplitter
 from gateway.core.dyno import Exit, State
 from gateway.core.messages import (
     BadMessage,
-    Pty,
+    LogsRequest,
     RunRequest,
+    StopRequest,
+    batches,
     encode,
+    logs_request,
     run_request,
     signal_name,
+    stop_request,
 )
 from gateway.core.procfile import resolve_command
 from gateway.ipc import ANCILLARY_SPACE, RECV_SIZE, ancillary, unpack
 from gateway.manager.applog import AppLog
+from gateway.manager.dyno import Dyno, Stdio
 from gateway.manager.sandbox import DynoSpec, Sandbox, Workspace
+from gateway.store import Dyno as DynoRecord
 from gateway.store import Store
 
 log = logging.getLogger("gateway.manager")
@@ -41,8 +43,8 @@ log = logging.getLogger("gateway.manager")
 DRAIN_AFTER_EXIT = 5
 
 
-class RunRefused(Exception):
-    """A run the manager will not start; the message goes to the client as is."""
+class Refused(Exception):
+    """A request the manager will not carry out; the message goes to the client as is."""
 
 
 class Manager:
@@ -51,6 +53,8 @@ class Manager:
         self.store = store
         self.sandbox = sandbox
         self.applog = AppLog(store, config.logs.lines_per_app)
+        # The dynos this manager supervises, by (app, name); run:stop finds them here.
+        self.running: dict[tuple[str, str], Dyno | None] = {}
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept front connections until cancelled; every dyno task is a child of this one,
@@ -83,79 +87,127 @@ class Manager:
         self.sandbox.remove_leftovers()
 
     async def handle(self, sock: trio.socket.SocketType) -> None:
+        """One front connection: one request and what follows from it."""
         with sock:
             try:
                 data, anc, flags, _ = await sock.recvmsg(RECV_SIZE, ANCILLARY_SPACE)
                 message, fds = unpack(data, anc, flags)
                 for fd in fds:  # the front never passes descriptors to us
                     os.close(fd)
-                if message["type"] != "run":
-                    raise BadMessage(f"unexpected {message['type']!r} message")
-                request = run_request(message)
+                kind = message["type"]
+                if kind == "run":
+                    request = run_request(message)
+                    await self.run(sock, request)
+                elif kind == "stop":
+                    await self.stop(sock, stop_request(message))
+                elif kind == "logs":
+                    await self.stream_logs(sock, logs_request(message))
+                else:
+                    raise BadMessage(f"unexpected {kind!r} message")
             except (BadMessage, OSError) as exc:
                 log.warning("bad request from the front: %s", exc)
-                return
-            try:
-                await self.run(sock, request)
-            except RunRefused as exc:
-                log.info(
-                    "run refused app=%s conn=%s reason=%s", request.app, request.connection, exc
-                )
-                await _send(sock, encode("error", message=str(exc)))
+            except Refused as exc:
+                log.info("request refused %s reason=%s", _describe(message), exc)
+                with contextlib.suppress(OSError):
+                    await _send(sock, encode("error", message=str(exc)))
+
+    # -- run ---------------------------------------------------------------------------
+
+    def _check_limits(self, app: str) -> None:
+        per_app = sum(1 for key in self.running if key[0] == app)
+        if per_app >= self.config.dynos.max_per_app:
+            raise Refused(
+                f"{app} already runs {per_app} one-off dynos, the most allowed "
+                "(dynos.max_per_app); stop one with run:stop"
+            )
+        if len(self.running) >= self.config.dynos.max_per_host:
+            raise Refused(
+                f"this host already runs {len(self.running)} dynos, the most allowed "
+                "(dynos.max_per_host); try again later"
+            )
 
     async def run(self, sock: trio.socket.SocketType, request: RunRequest) -> None:
         app = self.store.get_app(request.app)
         if app is None:
-            raise RunRefused(f"no such app: {request.app}")
+            raise Refused(f"no such app: {request.app}")
+        size = request.size or app.size
+        if size not in self.config.sizes:
+            raise Refused(
+                f"unknown dyno size {size!r}: choose one of {', '.join(self.config.sizes)}"
+            )
         release = self.store.latest_release(app.name)
         if release is None:
-            raise RunRefused(
+            raise Refused(
                 f"app {app.name} has no release yet: "
                 f"create one with `gateway releases:create {app.name} SLUG.tgz`"
             )
+        self._check_limits(app.name)
         command = resolve_command(request.command, release.procfile) if request.command else None
         record = self.store.create_dyno(
-            app.name, command or self.sandbox.shell, app.size, release.version, attached=True
+            app.name, command or self.sandbox.shell, size, release.version, request.attach
         )
+        key = (app.name, record.name)
+        self.running[key] = None  # counted against the limits from now on
+        try:
+            await self._run(sock, request, record, release.version)
+        finally:
+            del self.running[key]
+
+    async def _run(
+        self, sock: trio.socket.SocketType, request: RunRequest, record: DynoRecord, version: int
+    ) -> None:
+        app = record.app
         spec = DynoSpec(
-            app=app.name,
+            app=app,
             name=record.name,
-            command=command,
-            config_vars=self.store.get_config(app.name),
-            pty=request.pty,
-            release_dir=self.config.releases_dir / app.name / f"v{release.version}",
+            command=record.command if request.command else None,
+            config_vars=self.store.get_config(app) | request.env,
+            pty=request.pty if request.attach else None,
+            release_dir=self.config.releases_dir / app / f"v{version}",
             size=record.size,
         )
-        where = f"app={app.name} dyno={record.name} conn={request.connection}"
-        log.info("dyno starting %s release=v%d command=%r", where, release.version, record.command)
-        self.applog.heroku(app.name, record.name, applog.starting(record.command))
+        where = f"app={app} dyno={record.name} conn={request.connection}"
+        log.info(
+            "dyno starting %s release=v%d size=%s attach=%s command=%r",
+            where, version, record.size, request.attach, record.command,
+        )  # fmt: skip
+        self.applog.heroku(app, record.name, applog.starting(record.command))
         try:
             workspace = await self.sandbox.prepare(spec)
         except Exception as exc:
             log.error("dyno failed to start %s error=%s", where, exc)
-            self.applog.heroku(app.name, record.name, applog.state_changed("starting", "crashed"))
-            self.store.end_dyno(app.name, record.name, State.CRASHED, None, None)
-            raise RunRefused(f"{record.name} failed to start") from None
+            self.applog.heroku(app, record.name, applog.state_changed("starting", "crashed"))
+            self.store.end_dyno(app, record.name, State.CRASHED, None, None)
+            raise Refused(f"{record.name} failed to start") from None
         try:
-            exit = await self._supervise(sock, spec, workspace, where)
-            self.applog.heroku(
-                app.name,
-                record.name,
-                *self.sandbox.end_reason(workspace),
-                applog.exited(exit.shell_status),
-                applog.state_changed("up", "complete"),
-            )
+            await self._supervise(sock, spec, workspace, where, request.attach)
         finally:
             with trio.CancelScope(shield=True):
                 await self.sandbox.remove(workspace)
-        self.store.end_dyno(app.name, record.name, State.COMPLETE, exit.status, exit.signal)
+
+    def _record_end(self, spec: DynoSpec, workspace: Workspace, exit: Exit, where: str) -> None:
+        """Close the dyno's record and log its end, before the client hears of it, so that
+        what a client sees next (run:list, logs, usage) already holds it."""
+        self.applog.heroku(
+            spec.app,
+            spec.name,
+            *self.sandbox.end_reason(workspace),
+            applog.exited(exit.shell_status),
+            applog.state_changed("up", "complete"),
+        )
+        self.store.end_dyno(spec.app, spec.name, State.COMPLETE, exit.status, exit.signal)
         log.info("dyno ended %s status=%s signal=%s", where, exit.status, exit.signal)
 
     async def _supervise(
-        self, sock: trio.socket.SocketType, spec: DynoSpec, workspace: Workspace, where: str
-    ) -> Exit:
+        self,
+        sock: trio.socket.SocketType,
+        spec: DynoSpec,
+        workspace: Workspace,
+        where: str,
+        attach: bool,
+    ) -> None:
         """Start the process, hand its stdio to the front, and see it to its end."""
-        stdio = Stdio(spec.pty)
+        stdio = Stdio(spec.pty, attach)
         try:
             command = self.sandbox.command(spec, workspace)
             process = await trio.lowlevel.open_process(
@@ -172,21 +224,30 @@ class Manager:
             raise
         stdio.close_child()
         dyno = Dyno(process, spec, stdio)
+        self.running[(spec.app, spec.name)] = dyno
         try:
             try:
-                await _send(sock, encode("started", dyno=spec.name), stdio.front)
+                await _send(sock, encode("started", dyno=spec.name, size=spec.size), stdio.front)
             finally:
                 stdio.close_front()
             self.store.set_dyno_state(spec.app, spec.name, State.UP)
             self.applog.heroku(spec.app, spec.name, applog.state_changed("starting", "up"))
             log.info("dyno up %s pid=%d", where, process.pid)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._follow_front, sock, dyno, where)
+                if attach:
+                    nursery.start_soon(self._follow_front, sock, dyno, where)
+                else:
+                    dyno.detached = True
+                    nursery.start_soon(dyno.capture_output, self.applog)
                 with trio.move_on_after(self.config.dynos.max_lifetime) as lifetime:
-                    await process.wait()
+                    with dyno.stop_scope:
+                        await process.wait()
                 if lifetime.cancelled_caught:
                     log.info("dyno cycled (max_lifetime) %s", where)
                     self.applog.heroku(spec.app, spec.name, "Cycling")
+                    await self._stop(dyno)
+                elif dyno.stop_scope.cancelled_caught:
+                    log.info("dyno stopped (run:stop) %s", where)
                     await self._stop(dyno)
                 dyno.end_group()
                 if dyno.detached:
@@ -197,15 +258,17 @@ class Manager:
         except BaseException:
             with trio.CancelScope(shield=True):
                 await dyno.stop(grace=1)
+                self._record_end(spec, workspace, Exit.from_returncode(process.returncode), where)
             raise
         finally:
             dyno.end_group()
             stdio.close()
         exit = Exit.from_returncode(process.returncode)
-        # If the client is gone, the record still says how the dyno ended.
-        with contextlib.suppress(OSError):
-            await _send(sock, encode("exited", status=exit.status, signal=exit.signal))
-        return exit
+        self._record_end(spec, workspace, exit, where)
+        if attach:
+            # If the client is gone, the record still says how the dyno ended.
+            with contextlib.suppress(OSError):
+                await _send(sock, encode("exited", status=exit.status, signal=exit.signal))
 
     async def _stop(self, dyno: Dyno) -> None:
         """SIGTERM, `stop_grace`, then SIGKILL, each step in the app log as Heroku logs it."""
@@ -249,109 +312,60 @@ class Manager:
             log.info("signal %s %s", name, where)
             dyno.signal_foreground(signal.Signals["SIG" + name])
 
+    # -- stop --------------------------------------------------------------------------
 
-class Stdio:
-    """A dyno's standard streams: a PTY, or three pipes. `child` are the dyno's ends,
-    `front` go to the SSH front, `kept` stay with the manager (a PTY master, or the
-    stdout and stderr read ends) to find the foreground job and to read a detached
-    dyno's output."""
+    async def stop(self, sock: trio.socket.SocketType, request: StopRequest) -> None:
+        """run:stop: the dyno's own task stops it (SIGTERM, grace, SIGKILL); the answer
+        comes at once, as `heroku ps:stop` answers."""
+        dyno = self.running.get((request.app, request.dyno))
+        if dyno is None:
+            raise Refused(f"no running dyno {request.dyno} on {request.app}; see run:list")
+        log.info("stop requested app=%s dyno=%s", request.app, request.dyno)
+        dyno.stop_scope.cancel()
+        await _send(sock, encode("stopping", dyno=request.dyno))
 
-    def __init__(self, pty: Pty | None) -> None:
-        if pty is not None:
-            master, slave = os.openpty()
-            _set_winsize(slave, pty.rows, pty.cols)
-            self.child, self.front, self.kept = [slave] * 3, [os.dup(master)], [master]
-        else:
-            in_r, in_w = os.pipe()
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            self.child, self.front = [in_r, out_w, err_w], [in_w, os.dup(out_r), os.dup(err_r)]
-            self.kept = [out_r, err_r]
+    # -- logs --------------------------------------------------------------------------
 
-    def close_child(self) -> None:
-        _close_all(self.child)
-        self.child = []
-
-    def close_front(self) -> None:
-        _close_all(self.front)
-        self.front = []
-
-    def close(self) -> None:
-        self.close_child()
-        self.close_front()
-        _close_all(self.kept)
-        self.kept = []
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in set(fds):
-        os.close(fd)
+    async def stream_logs(self, sock: trio.socket.SocketType, request: LogsRequest) -> None:
+        """The app log's last lines, then (with tail) new lines until the reader leaves.
+        The history is read and the feed opened with no await between, so no line is
+        lost or repeated at the seam."""
+        if self.store.get_app(request.app) is None:
+            raise Refused(f"no such app: {request.app}")
+        history = self.store.read_log(request.app, request.dyno, request.lines)
+        with self.applog.follow(request.app, request.dyno) as feed:
+            for batch in batches([line.format() for line in history]):
+                await _send(sock, encode("log", lines=batch))
+            if not request.tail:
+                await _send(sock, encode("end"))
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_close, sock, nursery.cancel_scope)
+                while True:
+                    lines = [await feed.receive.receive()]
+                    while len(lines) < 200:
+                        try:
+                            lines.append(feed.receive.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    if dropped := feed.take_dropped():
+                        await _send(sock, encode("dropped", count=dropped))
+                    await _send(sock, encode("log", lines=[line.format() for line in lines]))
 
 
-class Dyno:
-    """A running dyno's process group and the manager's ends of its streams."""
+async def _cancel_on_close(sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
+    """The reader's only message is its leaving: a closed connection."""
+    with contextlib.suppress(OSError):
+        while await sock.recv(RECV_SIZE):
+            pass
+    scope.cancel()
 
-    def __init__(self, process: trio.Process, spec: DynoSpec, stdio: Stdio) -> None:
-        self.process = process
-        self.spec = spec
-        self.pgid = process.pid  # a new session: the dyno's process is its group leader
-        self.master = stdio.kept[0] if spec.pty is not None else None
-        self.outputs = list(stdio.kept)
-        self.detached = False
-        self.output_done = trio.Event()
 
-    def signal_group(self, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pgid, sig)
-
-    def signal_foreground(self, sig: signal.Signals) -> None:
-        """Signal the terminal's foreground job (a shell's current command), or the group."""
-        pgid = self.pgid
-        if self.master is not None:
-            with contextlib.suppress(OSError):
-                pgid = os.tcgetpgrp(self.master)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-
-    async def stop(self, grace: float) -> bool:
-        """SIGTERM, `grace` seconds, then SIGKILL: how Heroku stops and cycles dynos.
-        Returns whether the dyno ended within the grace."""
-        self.signal_group(signal.SIGTERM)
-        with trio.move_on_after(grace):
-            await self.process.wait()
-            return True
-        self.signal_group(signal.SIGKILL)
-        await self.process.wait()
-        return False
-
-    def end_group(self) -> None:
-        """The dyno ends with its process: whatever it left running goes too."""
-        self.signal_group(signal.SIGKILL)
-
-    async def capture_output(self, log: AppLog) -> None:
-        """Copy the dyno's output into the app log as `app[run.N]` lines until EOF."""
-        async with trio.open_nursery() as nursery:
-            for fd in self.outputs:
-                nursery.start_soon(self._capture, fd, log)
-        self.output_done.set()
-
-    async def _capture(self, fd: int, log: AppLog) -> None:
-        splitter = LineSplitter()
-        async with trio.lowlevel.FdStream(os.dup(fd)) as stream:
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, OSError):
-                    data = b""  # EIO: the PTY's last slave fd closed
-                lines = splitter.feed(data) if data else splitter.flush()
-                log.output(self.spec.app, self.spec.name, lines)
-                if not data:
-                    return
+def _describe(message: dict[str, object]) -> str:
+    return " ".join(
+        f"{k}={message[k]}" for k in ("type", "app", "dyno", "connection") if k in message
+    )
 
 
 async def _send(sock: trio.socket.SocketType, data: bytes, fds: list[int] | None = None) -> None:
     await sock.sendmsg([data], ancillary(fds or []))
-
-
-def _set_winsize(fd: int, rows: int, cols: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.core.applog import LogLine
+from gateway.core.commands import DynoRow
 from gateway.core.dyno import ENDED, State
 
 # Each entry moves the schema one version up; never edit one that has shipped.
@@ -129,6 +130,20 @@ class Dyno:
     ended_at: float | None
     exit_status: int | None
     exit_signal: str | None
+
+    def row(self) -> DynoRow:
+        return DynoRow(
+            self.name, self.size, self.state, self.updated_at, self.command, self.attached,
+            self.created_at,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Usage:
+    app: str
+    size: str
+    dynos: int
+    seconds: float
 
 
 class Store:
@@ -383,6 +398,28 @@ class Store:
             sql += " WHERE " + " AND ".join(clauses)
         rows = self._db.execute(sql + " ORDER BY dynos.id", args)
         return [_dyno(row) for row in rows]
+
+    def set_app_size(self, app: str, size: str) -> None:
+        """The size an app's dynos get unless a run asks for another."""
+        app_id = self.app(app).id
+        with self._write() as db:
+            db.execute("UPDATE apps SET size = ? WHERE id = ?", (size, app_id))
+
+    def usage(self, app: str | None = None, since: float = 0.0) -> list[Usage]:
+        """Wall-clock dyno-seconds of ended dynos, per app and size. A dyno a restart
+        found running counts until that restart (its real end is unknown)."""
+        sql = (
+            "SELECT apps.name AS app, dynos.size AS size, COUNT(*) AS dynos,"
+            " SUM(dynos.ended_at - dynos.created_at) AS seconds"
+            " FROM dynos JOIN apps ON apps.id = dynos.app_id"
+            " WHERE dynos.ended_at IS NOT NULL AND dynos.created_at >= ?"
+        )
+        args: list[object] = [since]
+        if app is not None:
+            sql += " AND apps.name = ?"
+            args.append(self.app(app).name)
+        rows = self._db.execute(sql + " GROUP BY apps.name, dynos.size ORDER BY 1, 2", args)
+        return [Usage(**row) for row in rows]
 
     # -- the app log -----------------------------------------------------------------
 

@@ -1,0 +1,241 @@
+"""The reserved SSH commands (`run:detached`, `run:list`, ...): parsing and help.
+
+A word with a colon cannot be a Procfile process type, so these never clash with an
+app's own commands. OpenSSH's client joins its arguments with spaces and sends one
+string, so a command's own quoting is gone by the time it arrives: options are read off
+the front of the string word by word, and what follows is the command text, untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from gateway.core.names import InvalidName, check_config_key, parse_dyno_name
+
+HELP = """\
+Reserved commands (a colon keeps them apart from your Procfile's process types):
+
+  run [--size S] [-e K=V]... [--] CMD      run CMD attached, with options
+  run:detached [--size S] [-e K=V]... CMD  start CMD in a new dyno and return at once;
+                                           its output goes to the app log
+  run:list [--json]                        the app's running one-off dynos
+  run:stop run.N                           stop a dyno: SIGTERM, a grace period, SIGKILL
+  run:logs [-p run.N] [-n N] [--tail]      the app log; --tail follows it
+  run:help                                 this text
+
+Examples:
+  ssh APP@HOST run:detached 'rake jobs:work'
+  ssh APP@HOST run --size standard-2x -e RAILS_ENV=staging -- rails runner 'p 1'
+  ssh APP@HOST run:logs -p run.3 --tail
+"""
+
+
+class UsageError(ValueError):
+    """A reserved command used wrongly; the message says how to use it."""
+
+
+@dataclass(frozen=True)
+class Run:
+    command: str
+    attach: bool
+    size: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunList:
+    json: bool = False
+
+
+@dataclass(frozen=True)
+class RunStop:
+    dyno: str
+
+
+@dataclass(frozen=True)
+class RunLogs:
+    dyno: str | None = None
+    lines: int = 100
+    tail: bool = False
+
+
+@dataclass(frozen=True)
+class RunHelp:
+    pass
+
+
+Reserved = Run | RunList | RunStop | RunLogs | RunHelp
+
+
+def _words(text: str) -> list[tuple[str, int]]:
+    """Whitespace-separated words with simple quoting ('a b', "a b"), each with the
+    offset just past it, so the rest of the text can be taken as it is."""
+    words, i = [], 0
+    while i < len(text):
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i >= len(text):
+            break
+        word = []
+        while i < len(text) and not text[i].isspace():
+            if text[i] in "'\"":
+                quote = text[i]
+                end = text.find(quote, i + 1)
+                if end < 0:
+                    raise UsageError(f"unmatched {quote} in the options")
+                word.append(text[i + 1 : end])
+                i = end + 1
+            else:
+                word.append(text[i])
+                i += 1
+        words.append(("".join(word), i))
+    return words
+
+
+def parse(command: str) -> Reserved | None:
+    """The reserved command `command` names, or None when it is an app command."""
+    stripped = command.strip()
+    name, _, rest = stripped.partition(" ")
+    if not name.startswith("run:") and name != "run":
+        return None
+    if name == "run" and not rest.strip():
+        return None  # a plain `run` could be the app's own program
+    if name in ("run", "run:detached"):
+        return _parse_run(rest, attach=name == "run")
+    if name == "run:list":
+        options = [word for word, _ in _words(rest)]
+        if options not in ([], ["--json"]):
+            raise UsageError("usage: run:list [--json]")
+        return RunList(json=bool(options))
+    if name == "run:stop":
+        options = [word for word, _ in _words(rest)]
+        if len(options) != 1 or parse_dyno_name(options[0]) is None:
+            raise UsageError("usage: run:stop run.N")
+        return RunStop(options[0])
+    if name == "run:logs":
+        return _parse_logs(rest)
+    if name == "run:help":
+        return RunHelp()
+    raise UsageError(f"unknown command {name!r}; run:help lists the reserved commands")
+
+
+def _parse_run(text: str, attach: bool) -> Run:
+    size, env = None, {}
+    words = _words(text)
+    index, start = 0, 0
+    while index < len(words):
+        word, end = words[index]
+        if word == "--":
+            start = end
+            break
+        if word.startswith("--size="):
+            size = word.split("=", 1)[1]
+        elif word in ("--size", "-s"):
+            if index + 1 >= len(words):
+                raise UsageError(f"{word} needs a size, such as standard-2x")
+            size, end = words[index + 1]
+            index += 1
+        elif word in ("-e", "--env"):
+            if index + 1 >= len(words):
+                raise UsageError(f"{word} needs KEY=VALUE")
+            pair, end = words[index + 1]
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise UsageError(f"{word} needs KEY=VALUE, got {pair!r}")
+            try:
+                env[check_config_key(key)] = value
+            except InvalidName as exc:
+                raise UsageError(str(exc)) from None
+            index += 1
+        elif word.startswith("-"):
+            raise UsageError(f"unknown option {word!r}; run:help lists the options")
+        else:
+            break
+        start = end
+        index += 1
+    command = text[start:].strip()
+    if not command:
+        raise UsageError("no command given; for example: run:detached 'rake jobs:work'")
+    return Run(command=command, attach=attach, size=size, env=env)
+
+
+def _parse_logs(text: str) -> RunLogs:
+    dyno, lines, tail = None, 100, False
+    words = [word for word, _ in _words(text)]
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word in ("-p", "--dyno") and index + 1 < len(words):
+            dyno = words[index + 1]
+            index += 1
+        elif word in ("-n", "--num") and index + 1 < len(words):
+            if not words[index + 1].isdigit() or not 1 <= int(words[index + 1]) <= 1500:
+                raise UsageError("-n takes a number of lines from 1 to 1500")
+            lines = int(words[index + 1])
+            index += 1
+        elif word in ("-t", "--tail"):
+            tail = True
+        else:
+            raise UsageError("usage: run:logs [-p run.N] [-n N] [--tail]")
+        index += 1
+    return RunLogs(dyno=dyno, lines=lines, tail=tail)
+
+
+def size_label(size: str) -> str:
+    """Heroku's display form of a size name: standard-1x -> Standard-1X."""
+    return "-".join(
+        part.upper() if len(part) <= 2 else part.capitalize() for part in size.split("-")
+    )
+
+
+def ago(seconds: float) -> str:
+    """Heroku's rough age, as `heroku ps` prints it: `~ 5s`, `~ 3m`, `~ 2h`, `~ 1d`."""
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"~ {int(seconds // length)}{unit}"
+    return f"~ {max(int(seconds), 0)}s"
+
+
+@dataclass(frozen=True)
+class DynoRow:
+    name: str
+    size: str
+    state: str
+    since: float  # when it entered its state, seconds since the epoch
+    command: str
+    attached: bool = True
+    created_at: float = 0.0
+
+    def as_json(self) -> dict[str, object]:
+        """The fields `heroku ps --json` gives a one-off dyno."""
+        return {
+            "name": self.name,
+            "type": "run",
+            "command": self.command,
+            "size": self.size,
+            "state": self.state,
+            "attached": self.attached,
+            "created_at": iso_time(self.created_at),
+            "updated_at": iso_time(self.since),
+        }
+
+
+def iso_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_ps(dynos: list[DynoRow], now: float) -> str:
+    """`heroku ps`'s one-off section:
+
+    === run: one-off processes (1)
+    run.1 (Standard-1X): up 2026/11/29 12:00:00 +0000 (~ 1m ago): bash
+    """
+    lines = [f"=== run: one-off processes ({len(dynos)})"]
+    for dyno in dynos:
+        when = datetime.fromtimestamp(dyno.since, UTC).strftime("%Y/%m/%d %H:%M:%S +0000")
+        lines.append(
+            f"{dyno.name} ({size_label(dyno.size)}): {dyno.state} {when} "
+            f"({ago(now - dyno.since)} ago): {dyno.command}"
+        )
+    return "\n".join(lines) + "\n"
