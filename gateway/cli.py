@@ -376,6 +376,21 @@ def _manager(config: Config, kind: str, **fields: Any) -> Iterator[dict[str, Any
         raise UserError(str(exc)) from None
 
 
+# -- API tokens ------------------------------------------------------------------------
+
+
+@command(
+    "tokens:create",
+    "make a Platform API token (HEROKU_API_KEY) for the given apps; prints it",
+    lambda p: p.add_argument("--app", action="append", required=True, help="repeat for more"),
+)
+def tokens_create(args: argparse.Namespace, config: Config) -> int:
+    token = secrets.token_urlsafe(32)
+    _store(config).add_token(token, args.app)
+    print(token)
+    return 0
+
+
 # -- serving ---------------------------------------------------------------------------
 
 

@@ -89,6 +89,24 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class RendezvousSettings:
+    # The TLS listener the heroku CLI attaches to; "" disables it.
+    listen: str = "127.0.0.1:5000"
+    # The host put in attach_url: what clients use to reach `listen`.
+    public_host: str = "127.0.0.1"
+    # Names and IP addresses in the server certificate (public_host should be one).
+    san: tuple[str, ...] = ("127.0.0.1", "localhost")
+    # Seconds a dyno made through the API waits for its client (then R13, status 128).
+    attach_timeout: int = 30
+
+
+@dataclass(frozen=True)
+class APISettings:
+    # The Platform API subset the heroku CLI uses (HEROKU_HOST=http://...); "" disables it.
+    listen: str = "127.0.0.1:5001"
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = Path("state")
     keys_dir: Path = Path("keys")
@@ -97,6 +115,8 @@ class Config:
     slugs: SlugSettings = field(default_factory=SlugSettings)
     logs: LogSettings = field(default_factory=LogSettings)
     sizes: dict[str, SizeSettings] = field(default_factory=lambda: dict(DEFAULT_SIZES))
+    rendezvous: RendezvousSettings = field(default_factory=RendezvousSettings)
+    api: APISettings = field(default_factory=APISettings)
     source: str = "<defaults>"
 
     @property
@@ -188,10 +208,15 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
             f"{source}: 'dynos.network' must be one of {', '.join(NETWORKS)}, "
             f"got {config.dynos.network!r}"
         )
-    try:
-        config.ssh.host_port  # noqa: B018 - validates the listen address
-    except ValueError as exc:
-        raise ConfigError(f"{source}: 'ssh.listen': {exc}") from None
+    for key, value in (
+        ("ssh.listen", config.ssh.listen),
+        ("rendezvous.listen", config.rendezvous.listen or "x:0"),
+        ("api.listen", config.api.listen or "x:0"),
+    ):
+        try:
+            split_listen(value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {key!r}: {exc}") from None
     base = base or Path.cwd()
     return replace(
         config,

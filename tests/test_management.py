@@ -167,6 +167,10 @@ def test_run_logs_tail_follows_new_lines(gateway: Gateway) -> None:
     finally:
         tail.kill()
         tail.wait()
+    # A reader that left while lines still flow must not harm the gateway.
+    gateway.ssh(app, "run:detached", "echo after-the-reader-left")
+    time.sleep(0.5)
+    assert gateway.ssh(app, "echo still-serving").stdout == b"still-serving\n"
 
 
 def test_ctrl_c_ends_a_tail_on_a_terminal(gateway: Gateway) -> None:

@@ -5,8 +5,11 @@ malformed packet is refused the same way on either side.
 
 Each connection carries one request and what follows from it:
 
-  run {app, command|null, pty|null, env, size|null, attach, connection}
-      -> started {dyno, size} (+ fds when attached: a PTY master, or stdin/stdout/stderr)
+  run {app, command|null, pty|null, env, size|null, attach, await_attach, merge_output,
+       connection}
+      -> with await_attach: reserved {dyno, size}, then front -> manager: attach
+      -> started {dyno, size} (+ fds when attached: a PTY master, or stdin/stdout/stderr,
+         or stdin/output when merged)
       then, front -> manager: signal {name}; manager -> front: exited {status|null, signal|null}
       A closed connection means the client went away: the manager hangs up the dyno.
   stop {app, dyno}                     -> stopping {dyno}
@@ -49,6 +52,10 @@ class RunRequest:
     connection: str
     size: str | None = None
     attach: bool = True
+    # The rendezvous: reserve run.N now, start the process when the client arrives.
+    await_attach: bool = False
+    # One stream for stdout and stderr (the rendezvous carries them merged).
+    merge_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,9 +114,11 @@ def run_request(message: dict[str, Any]) -> RunRequest:
         isinstance(k, str) and isinstance(v, str) for k, v in env.items()
     ):
         raise BadMessage("run: 'env' must map strings to strings")
-    attach = message.get("attach", True)
-    if not isinstance(attach, bool):
-        raise BadMessage("run: 'attach' must be true or false")
+    flags = {}
+    for name, default in (("attach", True), ("await_attach", False), ("merge_output", False)):
+        flags[name] = message.get(name, default)
+        if not isinstance(flags[name], bool):
+            raise BadMessage(f"run: {name!r} must be true or false")
     return RunRequest(
         app=_str(message, "app"),
         command=_str(message, "command", optional=True),
@@ -117,7 +126,7 @@ def run_request(message: dict[str, Any]) -> RunRequest:
         env=env,
         connection=_str(message, "connection"),
         size=_str(message, "size", optional=True),
-        attach=attach,
+        **flags,
     )
 
 

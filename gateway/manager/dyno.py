@@ -21,9 +21,10 @@ class Stdio:
     """A dyno's standard streams: a PTY, or pipes. `child` are the dyno's ends, `front`
     go to the SSH front, `kept` stay with the manager (a PTY master, or the stdout and
     stderr read ends) to find the foreground job and to read a detached dyno's output.
-    A dyno started detached gets /dev/null for stdin and nothing for the front."""
+    A dyno started detached gets /dev/null for stdin and nothing for the front; `merge`
+    gives stdout and stderr one pipe, so their order survives."""
 
-    def __init__(self, pty: Pty | None, attach: bool = True) -> None:
+    def __init__(self, pty: Pty | None, attach: bool = True, merge: bool = False) -> None:
         if pty is not None:
             master, slave = os.openpty()
             fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", pty.rows, pty.cols, 0, 0))
@@ -34,9 +35,12 @@ class Stdio:
             if attach:
                 in_r, in_w = os.pipe()
             out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            self.child, self.kept = [in_r, out_w, err_w], [out_r, err_r]
-            self.front = [in_w, os.dup(out_r), os.dup(err_r)] if in_w is not None else []
+            if merge:
+                self.child, self.kept = [in_r, out_w, out_w], [out_r]
+            else:
+                err_r, err_w = os.pipe()
+                self.child, self.kept = [in_r, out_w, err_w], [out_r, err_r]
+            self.front = [in_w, *map(os.dup, self.kept)] if in_w is not None else []
 
     def close_child(self) -> None:
         _close_all(self.child)

@@ -23,6 +23,7 @@ from gateway.core.messages import (
     RunRequest,
     StopRequest,
     batches,
+    decode,
     encode,
     logs_request,
     run_request,
@@ -87,7 +88,17 @@ class Manager:
         self.sandbox.remove_leftovers()
 
     async def handle(self, sock: trio.socket.SocketType) -> None:
-        """One front connection: one request and what follows from it."""
+        """One front connection: one request and what follows from it. Whatever goes
+        wrong in it stays in it: the manager and every other dyno keep running."""
+        try:
+            await self._handle(sock)
+        except Exception as exc:
+            if _only(exc, OSError):
+                log.info("front connection ended: %s", exc)
+            else:
+                log.exception("front connection failed")
+
+    async def _handle(self, sock: trio.socket.SocketType) -> None:
         with sock:
             try:
                 data, anc, flags, _ = await sock.recvmsg(RECV_SIZE, ANCILLARY_SPACE)
@@ -149,9 +160,35 @@ class Manager:
         key = (app.name, record.name)
         self.running[key] = None  # counted against the limits from now on
         try:
+            if request.await_attach and not await self._await_client(sock, record):
+                return
             await self._run(sock, request, record, release.version)
         finally:
             del self.running[key]
+
+    async def _await_client(self, sock: trio.socket.SocketType, record: DynoRecord) -> bool:
+        """A dyno made through the API: name it now, start it when its client arrives on
+        the rendezvous port. The front gives up after attach_timeout and closes the
+        connection; the slack here only guards against a front that never does."""
+        app, name = record.app, record.name
+        self.applog.heroku(app, name, "Awaiting client")
+        await _send(sock, encode("reserved", dyno=name, size=record.size))
+        with trio.move_on_after(self.config.rendezvous.attach_timeout + 5):
+            with contextlib.suppress(OSError):
+                data = await sock.recv(RECV_SIZE)
+                with contextlib.suppress(BadMessage):
+                    if data and decode(data)["type"] == "attach":
+                        return True
+        log.info("no client attached app=%s dyno=%s", app, name)
+        self.applog.heroku(
+            app,
+            name,
+            "Error R13 (Attach error) -> Failed to attach to process",
+            applog.exited(128),
+            applog.state_changed("starting", "complete"),
+        )
+        self.store.end_dyno(app, name, State.COMPLETE, 128, None)
+        return False
 
     async def _run(
         self, sock: trio.socket.SocketType, request: RunRequest, record: DynoRecord, version: int
@@ -180,7 +217,7 @@ class Manager:
             self.store.end_dyno(app, record.name, State.CRASHED, None, None)
             raise Refused(f"{record.name} failed to start") from None
         try:
-            await self._supervise(sock, spec, workspace, where, request.attach)
+            await self._supervise(sock, spec, workspace, where, request)
         finally:
             with trio.CancelScope(shield=True):
                 await self.sandbox.remove(workspace)
@@ -204,10 +241,11 @@ class Manager:
         spec: DynoSpec,
         workspace: Workspace,
         where: str,
-        attach: bool,
+        request: RunRequest,
     ) -> None:
         """Start the process, hand its stdio to the front, and see it to its end."""
-        stdio = Stdio(spec.pty, attach)
+        attach = request.attach
+        stdio = Stdio(spec.pty, attach, request.merge_output)
         try:
             command = self.sandbox.command(spec, workspace)
             process = await trio.lowlevel.open_process(
@@ -359,6 +397,13 @@ async def _cancel_on_close(sock: trio.socket.SocketType, scope: trio.CancelScope
         while await sock.recv(RECV_SIZE):
             pass
     scope.cancel()
+
+
+def _only(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `exc` is, or is a group made only of, exceptions of `kind`."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(inner, kind) for inner in exc.exceptions)
+    return isinstance(exc, kind)
 
 
 def _describe(message: dict[str, object]) -> str:

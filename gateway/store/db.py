@@ -7,6 +7,7 @@ BEGIN IMMEDIATE so a counter can never be read twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -82,6 +83,14 @@ MIGRATIONS: list[str] = [
         message TEXT NOT NULL
     );
     CREATE INDEX log_lines_by_app ON log_lines (app_id, id);
+    """,
+    """
+    CREATE TABLE api_tokens (
+        id INTEGER PRIMARY KEY,
+        token_sha256 TEXT NOT NULL UNIQUE,
+        apps TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
     """,
 ]
 
@@ -421,6 +430,25 @@ class Store:
         rows = self._db.execute(sql + " GROUP BY apps.name, dynos.size ORDER BY 1, 2", args)
         return [Usage(**row) for row in rows]
 
+    # -- API tokens ------------------------------------------------------------------
+
+    def add_token(self, token: str, apps: list[str]) -> None:
+        """Grant `token` (kept only as its SHA-256) the Platform API for `apps`."""
+        for app in apps:
+            self.app(app)
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO api_tokens (token_sha256, apps, created_at) VALUES (?, ?, ?)",
+                (_sha256(token), json.dumps(sorted(apps)), time.time()),
+            )
+
+    def token_apps(self, token: str) -> list[str] | None:
+        """The apps `token` may use, or None for an unknown token."""
+        row = self._db.execute(
+            "SELECT apps FROM api_tokens WHERE token_sha256 = ?", (_sha256(token),)
+        ).fetchone()
+        return json.loads(row["apps"]) if row else None
+
     # -- the app log -----------------------------------------------------------------
 
     def append_log(self, app: str, lines: list[LogLine], keep: int) -> None:
@@ -448,6 +476,10 @@ class Store:
             args.append(dyno)
         rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", [*args, lines]).fetchall()
         return [LogLine(**row) for row in reversed(rows)]
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _dyno(row: sqlite3.Row) -> Dyno:
