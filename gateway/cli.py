@@ -25,6 +25,7 @@ from gateway.core.names import InvalidName, check_app_name, check_config_key
 from gateway.keys import ensure_host_keys, public_key, write_key_pair
 from gateway.manager_client import ManagerUnreachable, request
 from gateway.store import Store, StoreError
+from gateway.tls import ensure_rendezvous_cert
 
 Handler = Callable[[argparse.Namespace, Config], int]
 COMMANDS: dict[str, tuple[Handler, str, Callable[[argparse.ArgumentParser], None]]] = {}
@@ -409,6 +410,8 @@ def _start(config: Config, args: argparse.Namespace, on_ready: Callable[[], None
     for path in ensure_host_keys(config.keys_dir):
         key = public_key(path)
         print(f"host key {key.key_type} {key.fingerprint}", file=sys.stderr)
+    if config.rendezvous.listen:
+        ensure_rendezvous_cert(config.keys_dir, config.rendezvous.san)
     return run(config, _front_argv(args), on_ready)
 
 

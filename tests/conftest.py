@@ -48,8 +48,11 @@ class Gateway:
     root: Path
     port: int
     client_key: Path
+    rendezvous_port: int = field(default_factory=lambda: free_port())
+    api_port: int = field(default_factory=lambda: free_port())
     extra_config: str = ""  # appended to the [dynos] table
     ssh_config: str = ""  # appended to the [ssh] table
+    rendezvous_config: str = ""  # appended to the [rendezvous] table
     process: subprocess.Popen[bytes] | None = None
     log: list[str] = field(default_factory=list)
 
@@ -65,6 +68,8 @@ class Gateway:
         self.config_path.write_text(
             'state_dir = "state"\nkeys_dir = "keys"\n'
             f'[ssh]\nlisten = "127.0.0.1:{self.port}"\n{self.ssh_config}'
+            f'[rendezvous]\nlisten = "127.0.0.1:{self.rendezvous_port}"\n{self.rendezvous_config}'
+            f'[api]\nlisten = "127.0.0.1:{self.api_port}"\n'
             f'[dynos]\nsandbox = "process"\n{self.extra_config}'
         )
 

@@ -6,13 +6,17 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 
 import asyncssh
 
-from gateway.config import Config
+from gateway.config import Config, split_listen
+from gateway.front.api import PlatformAPI
+from gateway.front.rendezvous import Rendezvous, RendezvousProtocol
 from gateway.front.ssh import GatewayServer
 from gateway.keys import HOST_KEY_NAMES
 from gateway.store import Store
+from gateway.tls import SERVER_CERT, SERVER_KEY
 
 log = logging.getLogger("gateway.front")
 
@@ -45,6 +49,7 @@ async def serve(
         reuse_address=True,
     )
     log.info("SSH listening on %s:%d", host, port)
+    servers = [server, *await _heroku_listeners(config, store)]
     if ready_fd is not None:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
@@ -57,8 +62,33 @@ async def serve(
         loop.add_reader(lifeline_fd, stop.set)
     await stop.wait()
     log.info("SSH front stopping")
-    server.close()
-    await server.wait_closed()
+    for listener in servers:
+        listener.close()
+    for listener in servers:
+        await listener.wait_closed()
+
+
+async def _heroku_listeners(config: Config, store: Store) -> list[asyncio.AbstractServer]:
+    """The rendezvous port (TLS) and the Platform API the heroku CLI talks to."""
+    if not config.rendezvous.listen or not config.api.listen:
+        return []
+    rendezvous = Rendezvous(config.rendezvous.attach_timeout, config.dynos.idle_timeout)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.keys_dir / SERVER_CERT, config.keys_dir / SERVER_KEY)
+    r_host, r_port = split_listen(config.rendezvous.listen)
+    loop = asyncio.get_running_loop()
+    rendezvous_server = await loop.create_server(
+        lambda: RendezvousProtocol(rendezvous), r_host, r_port, ssl=context,
+        ssl_handshake_timeout=10, reuse_address=True,
+    )  # fmt: skip
+    platform = PlatformAPI(
+        store, rendezvous, config.manager_socket, config.rendezvous.public_host, r_port
+    )
+    a_host, a_port = split_listen(config.api.listen)
+    api_server = await asyncio.start_server(platform.handle, a_host, a_port, reuse_address=True)
+    log.info("rendezvous listening on %s:%d, API on %s:%d", r_host, r_port, a_host, a_port)
+    return [rendezvous_server, api_server]
 
 
 def run(config: Config, ready_fd: int | None = None, lifeline_fd: int | None = None) -> None:

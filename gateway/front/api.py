@@ -1,0 +1,308 @@
+"""The Platform API subset for the heroku CLI, over HTTP/1.1 with h11.
+
+h11 rather than a framework: it is a small, well-kept protocol state machine with no
+I/O of its own (the same shape as the rest of the front), and these eight routes plus
+one Server-Sent Events stream need nothing a framework would add.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+
+from gateway.core import platform_api as api
+from gateway.core.messages import Pty
+from gateway.front.link import ManagerLink, ManagerUnavailable
+from gateway.front.rendezvous import PendingAttach, Rendezvous
+from gateway.store import Store
+
+log = logging.getLogger("gateway.front")
+
+MAX_BODY = 64 * 1024
+REQUEST_TIMEOUT = 30
+LOG_SESSION_TTL = 300
+
+
+@dataclass(frozen=True)
+class LogSession:
+    app: str
+    request: api.LogSessionRequest
+
+
+class Response(Exception):
+    """A finished JSON answer, raised from anywhere in a handler."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        self.status, self.body = status, body
+
+
+class PlatformAPI:
+    def __init__(
+        self,
+        store: Store,
+        rendezvous: Rendezvous,
+        manager_socket: Any,
+        attach_host: str,
+        attach_port: int,
+    ) -> None:
+        self.store = store
+        self.rendezvous = rendezvous
+        self.manager_socket = manager_socket
+        self.attach_host = attach_host
+        self.attach_port = attach_port
+        self._log_sessions: dict[str, LogSession] = {}
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One HTTP connection, possibly several requests (keep-alive)."""
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    request, body = await self._read_request(conn, reader)
+                if request is None:
+                    return
+                streamed = await self._answer(conn, request, body, reader, writer)
+                if streamed or h11.MUST_CLOSE in (conn.our_state, conn.their_state):
+                    return
+                conn.start_next_cycle()
+        except (h11.RemoteProtocolError, TimeoutError) as exc:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                with contextlib.suppress(Exception):
+                    await _send_json(conn, writer, 400, {"id": "bad_request", "message": str(exc)})
+        except (ConnectionError, h11.LocalProtocolError):
+            pass
+        finally:
+            writer.close()
+
+    async def _read_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader
+    ) -> tuple[h11.Request | None, bytes]:
+        request, body = None, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await reader.read(65536)
+                conn.receive_data(data)
+                if not data and conn.their_state is h11.IDLE:
+                    return None, b""
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
+                    raise h11.RemoteProtocolError("request body too large")
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None, b""
+
+    async def _answer(
+        self,
+        conn: h11.Connection,
+        request: h11.Request,
+        body: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        """Answer one request; True when it was a stream, after which the connection ends."""
+        method, path = request.method.decode(), request.target.decode()
+        headers = {k.decode().lower(): v.decode(errors="replace") for k, v in request.headers}
+        try:
+            name, params = api.route(method, path)
+            if name == "log_stream":
+                await self.log_stream(conn, writer, reader, params["secret"])
+                return True
+            apps = self._authorize(headers)
+            payload = json.loads(body) if body.strip() else None
+            handler = getattr(self, name)
+            status, answer = await handler(apps, params, payload, headers)
+        except api.APIError as exc:
+            status, answer = exc.status, exc.body()
+        except json.JSONDecodeError:
+            status, answer = 400, {"id": "bad_request", "message": "The body is not JSON."}
+        except ManagerUnavailable:
+            status, answer = 503, {"id": "unavailable", "message": "The dyno manager is down."}
+        log.info("api %s %s status=%d", method, path.split("?")[0], status)
+        await _send_json(conn, writer, status, answer)
+        return False
+
+    def _authorize(self, headers: dict[str, str]) -> list[str]:
+        token = api.bearer_token(headers.get("authorization"))
+        apps = self.store.token_apps(token) if token else None
+        if apps is None:
+            raise api.unauthorized()
+        return apps
+
+    def _app(self, apps: list[str], name: str) -> Any:
+        """The app, if this token may use it; the same 404 whether or not it exists."""
+        app = self.store.get_app(name) if name in apps else None
+        if app is None:
+            raise api.app_not_found()
+        return app
+
+    @staticmethod
+    def _account_id(apps: list[str]) -> str:
+        return api.stable_id("account", *apps)
+
+    # -- handlers: (apps the token may use, path params, JSON body, headers) -----------
+
+    async def account(self, apps: list[str], *_: Any) -> tuple[int, Any]:
+        return 200, api.account_body(self._account_id(apps))
+
+    async def app(self, apps: list[str], params: dict[str, str], *_: Any) -> tuple[int, Any]:
+        app = self._app(apps, params["app"])
+        return 200, api.app_body(app.name, app.created_at, self._account_id(apps))
+
+    async def list_dynos(self, apps: list[str], params: dict[str, str], *_: Any) -> tuple[int, Any]:
+        app = self._app(apps, params["app"])
+        dynos = self.store.list_dynos(app.name, running=True)
+        return 200, [api.dyno_body(app.name, d.row(), d.release_version) for d in dynos]
+
+    async def get_dyno(self, apps: list[str], params: dict[str, str], *_: Any) -> tuple[int, Any]:
+        app = self._app(apps, params["app"])
+        dyno = self.store.get_dyno(app.name, params["dyno"])
+        if dyno is None:
+            raise api.dyno_not_found()
+        return 200, api.dyno_body(app.name, dyno.row(), dyno.release_version)
+
+    async def stop_dyno(self, apps: list[str], params: dict[str, str], *_: Any) -> tuple[int, Any]:
+        app = self._app(apps, params["app"])
+        link = await ManagerLink.open(self.manager_socket)
+        try:
+            await link.send("stop", app=app.name, dyno=params["dyno"])
+            reply = await link.receive()
+        finally:
+            link.close()
+        if reply is None or reply[0]["type"] != "stopping":
+            raise api.dyno_not_found()
+        return 202, {}
+
+    async def create_dyno(
+        self, apps: list[str], params: dict[str, str], body: Any, *_: Any
+    ) -> tuple[int, Any]:
+        app = self._app(apps, params["app"])
+        create = api.parse_dyno_create(body)
+        pty = Pty(*create.terminal) if create.terminal else None
+        link = await ManagerLink.open(self.manager_socket)
+        keep_link = False
+        try:
+            await link.send(
+                "run",
+                app=app.name,
+                command=create.command,
+                pty={"term": pty.term, "cols": pty.cols, "rows": pty.rows} if pty else None,
+                env=create.env,
+                size=create.size,
+                attach=create.attach,
+                await_attach=create.attach,
+                merge_output=True,
+                connection="api",
+            )
+            reply = await link.receive()
+            if reply is None:
+                raise api.APIError(503, "unavailable", "The dyno manager went away.")
+            message, _ = reply
+            if message["type"] == "error":
+                raise api.APIError(422, "invalid_params", str(message.get("message")))
+            dyno = self.store.get_dyno(app.name, str(message["dyno"]))
+            assert dyno is not None
+            attach_url = None
+            if create.attach:
+                pending = PendingAttach(app.name, dyno.name, link, pty)
+                secret = self.rendezvous.add(pending)
+                keep_link = True
+                attach_url = f"rendezvous://{self.attach_host}:{self.attach_port}/{secret}"
+            log.info(
+                "api dyno created app=%s dyno=%s attach=%s", app.name, dyno.name, create.attach
+            )
+            return 201, api.dyno_body(app.name, dyno.row(), dyno.release_version, attach_url)
+        finally:
+            if not keep_link:
+                link.close()
+
+    async def create_log_session(
+        self, apps: list[str], params: dict[str, str], body: Any, headers: dict[str, str]
+    ) -> tuple[int, Any]:
+        app = self._app(apps, params["app"])
+        request = api.parse_log_session(body)
+        secret = secrets.token_urlsafe(24)
+        key = hashlib.sha256(secret.encode()).hexdigest()
+        self._log_sessions[key] = LogSession(app.name, request)
+        asyncio.get_running_loop().call_later(LOG_SESSION_TTL, self._log_sessions.pop, key, None)
+        host = headers.get("host", "127.0.0.1")
+        now = api.iso_time(time.time())
+        return 201, {
+            "id": api.stable_id("log-session", key),
+            "logplex_url": f"http://{host}/log-sessions/{secret}",
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    async def log_stream(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        reader: asyncio.StreamReader,
+        secret: str,
+    ) -> None:
+        """The app log as Server-Sent Events: history, then (tail) new lines until the
+        client leaves. The URL's secret is the credential (EventSource sends no token)."""
+        session = self._log_sessions.get(hashlib.sha256(secret.encode()).hexdigest())
+        if session is None:
+            await _send_json(
+                conn, writer, 404, api.APIError(404, "not_found", "No such log session.").body()
+            )
+            return
+        request = session.request
+        link = await ManagerLink.open(self.manager_socket)
+        try:
+            await link.send(
+                "logs", app=session.app, dyno=request.dyno, lines=request.lines, tail=request.tail
+            )
+            headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+            writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
+            # A client that leaves ends the stream: its EOF closes the link.
+            watcher = asyncio.get_running_loop().create_task(_close_on_eof(reader, link))
+            try:
+                while (reply := await link.receive()) is not None:
+                    message = reply[0]
+                    if message["type"] == "log":
+                        events = b"".join(api.sse_event(line) for line in message["lines"])
+                        writer.write(conn.send(h11.Data(data=events)))
+                        await writer.drain()
+                    elif message["type"] != "dropped":
+                        break
+            finally:
+                watcher.cancel()
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+        finally:
+            link.close()
+
+
+async def _close_on_eof(reader: asyncio.StreamReader, link: ManagerLink) -> None:
+    with contextlib.suppress(ConnectionError):
+        while await reader.read(4096):
+            pass
+    link.close()
+
+
+async def _send_json(
+    conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: Any
+) -> None:
+    data = json.dumps(body).encode()
+    headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
+    writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+    writer.write(conn.send(h11.Data(data=data)))
+    writer.write(conn.send(h11.EndOfMessage()))
+    await writer.drain()

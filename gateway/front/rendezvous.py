@@ -1,0 +1,210 @@
+"""Port 5000: the rendezvous that pairs a heroku CLI with the dyno it asked the API for.
+
+A POST /apps/APP/dynos with attach reserves run.N in the manager and gets a secret here
+(random, single use, valid for attach_timeout). The CLI connects with TLS and sends the
+secret; we answer `rendezvous\\r\\n` and the dyno starts, its stdout and stderr merged
+onto the socket. A garbage, wrong, expired or reused secret: the connection is closed,
+nothing is said. At the end we send the CLI's exit-status marker with the true status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+
+from gateway.core.dyno import Exit
+from gateway.core.messages import Pty
+from gateway.core.rendezvous import GREETING, BadHandshake, exit_marker, read_secret
+from gateway.front.attachment import Attachment, Client
+from gateway.front.link import ManagerLink
+
+log = logging.getLogger("gateway.front")
+
+HANDSHAKE_TIMEOUT = 10  # seconds for a client to send its secret line (at most attach_timeout)
+
+
+@dataclass
+class PendingAttach:
+    app: str
+    dyno: str
+    link: ManagerLink
+    pty: Pty | None
+    expiry: asyncio.TimerHandle | None = None
+
+
+class Rendezvous:
+    """The dynos waiting for their client, by a hash of their secret."""
+
+    def __init__(self, attach_timeout: int, idle_timeout: int) -> None:
+        self.attach_timeout = attach_timeout
+        self.idle_timeout = idle_timeout
+        self._pending: dict[str, PendingAttach] = {}
+
+    def add(self, pending: PendingAttach) -> str:
+        """Register a reserved dyno; the secret for its attach_url."""
+        secret = secrets.token_urlsafe(24)  # 192 bits
+        key = _key(secret)
+        loop = asyncio.get_running_loop()
+        pending.expiry = loop.call_later(self.attach_timeout, self._expire, key)
+        self._pending[key] = pending
+        return secret
+
+    def claim(self, secret: str) -> PendingAttach | None:
+        """The dyno for `secret`, once: a claimed secret is gone."""
+        pending = self._pending.pop(_key(secret), None)
+        if pending is not None and pending.expiry is not None:
+            pending.expiry.cancel()
+        return pending
+
+    def _expire(self, key: str) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            # The manager sees the link close before any attach: R13, status 128.
+            log.info("no client attached app=%s dyno=%s", pending.app, pending.dyno)
+            pending.link.close()
+
+    def close(self) -> None:
+        for key in list(self._pending):
+            self._expire(key)
+
+
+def _key(secret: str) -> str:
+    # Looked up by hash, so the lookup's timing says nothing about the secret.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class RendezvousProtocol(asyncio.Protocol):
+    def __init__(self, rendezvous: Rendezvous) -> None:
+        self.rendezvous = rendezvous
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._attachment: Attachment | None = None
+        self._pending: PendingAttach | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self.where = "rendezvous"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.where = f"rendezvous peer={peer[0]}:{peer[1]}"
+        loop = asyncio.get_running_loop()
+        timeout = min(HANDSHAKE_TIMEOUT, self.rendezvous.attach_timeout)
+        self._handshake_timer = loop.call_later(timeout, self._refuse, "no secret sent")
+
+    def data_received(self, data: bytes) -> None:
+        if self._attachment is not None:
+            self._feed(data)
+            return
+        self._buffer += data
+        try:
+            parsed = read_secret(bytes(self._buffer))
+        except BadHandshake as exc:
+            self._refuse(str(exc))
+            return
+        if parsed is None:
+            return
+        secret, rest = parsed
+        pending = self.rendezvous.claim(secret)
+        if pending is None:
+            self._refuse("unknown, expired or used secret")
+            return
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        assert self._transport is not None
+        transport = self._transport
+        self._pending = pending
+        self.where = f"app={pending.app} dyno={pending.dyno} conn=rendezvous"
+        transport.write(GREETING)
+        self._attachment = Attachment(
+            Client(
+                transport.write, transport.write, transport.pause_reading, transport.resume_reading
+            ),
+            self.rendezvous.idle_timeout,
+            self._idle_cutoff,
+        )
+        if rest:
+            self._feed(rest)
+        self._task = asyncio.get_running_loop().create_task(self._run(pending))
+        self._task.add_done_callback(self._task_done)
+
+    def _feed(self, data: bytes) -> None:
+        """Without a terminal the CLI ends its input with 0x04 (it never half-closes):
+        a chunk ending in 0x04 is the end of input. With a PTY, 0x04 is the PTY's EOF."""
+        assert self._attachment is not None and self._pending is not None
+        if self._pending.pty is None and data.endswith(b"\x04"):
+            self._attachment.feed(data[:-1])
+            self._attachment.feed_eof()
+        else:
+            self._attachment.feed(data)
+
+    def pause_writing(self) -> None:
+        if self._attachment is not None:
+            self._attachment.pause_output()
+
+    def resume_writing(self) -> None:
+        if self._attachment is not None:
+            self._attachment.resume_output()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._close()
+
+    async def _run(self, pending: PendingAttach) -> None:
+        attachment, transport = self._attachment, self._transport
+        assert attachment is not None and transport is not None
+        try:
+            await pending.link.send("attach")
+        except OSError:
+            transport.close()
+            return
+        reply = await pending.link.receive()
+        fds = reply[1] if reply else []
+        if reply is None or reply[0]["type"] != "started" or len(fds) != (1 if pending.pty else 2):
+            for fd in fds:
+                os.close(fd)
+            log.warning("attach failed %s reply=%r", self.where, reply and reply[0])
+            transport.close()
+            return
+        log.info("rendezvous attached %s pty=%s", self.where, pending.pty is not None)
+        attachment.start(fds, pty=pending.pty is not None)
+        exited = await pending.link.receive()
+        await attachment.drained()
+        if exited is None or exited[0]["type"] != "exited":
+            transport.close()
+            return
+        exit = Exit(status=exited[0].get("status"), signal=exited[0].get("signal"))
+        log.info("rendezvous ended %s status=%s", self.where, exit.shell_status)
+        transport.write(exit_marker(exit.shell_status))
+        transport.close()
+
+    def _idle_cutoff(self) -> None:
+        log.info("rendezvous idle, closing %s", self.where)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _refuse(self, reason: str) -> None:
+        """Close without a word: a client without a valid secret learns nothing."""
+        log.info("rendezvous refused %s reason=%s", self.where, reason)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _close(self) -> None:
+        if self._attachment is not None:
+            self._attachment.close()
+        if self._pending is not None:
+            self._pending.link.close()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("rendezvous failed %s", self.where, exc_info=task.exception())
+            if self._transport is not None:
+                self._transport.abort()
