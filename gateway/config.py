@@ -31,6 +31,17 @@ class SSHSettings:
     keepalive_interval: int = 15
     keepalive_count_max: int = 4
     login_grace_time: int = 30
+    # OpenSSH's MaxStartups start:rate:full for connections not yet authenticated: past
+    # `start` new ones are dropped with probability rate% rising to 100% at `full`.
+    max_startups: str = "10:30:100"
+    max_auth_tries: int = 6
+    # After `penalty_failures` failed authentications from one address within
+    # `penalty_time` seconds, that address is refused for `penalty_time` seconds.
+    penalty_failures: int = 10
+    penalty_time: int = 60
+    max_sessions: int = 10
+    # Client environment variables that reach a dyno (`*` matches a suffix).
+    accept_env: tuple[str, ...] = ("LANG", "LC_*", "TZ")
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -107,6 +118,26 @@ class APISettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    # JSON lines, one event each; "" puts it at STATE_DIR/audit.jsonl.
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    # Prometheus text endpoint; "" disables it.
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True)
+class ShutdownSettings:
+    # On SIGTERM: seconds attached sessions may take to end before they are hung up.
+    drain_timeout: int = 10
+    # Whether detached dynos are stopped (true) or left running for the next start.
+    stop_detached: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = Path("state")
     keys_dir: Path = Path("keys")
@@ -117,6 +148,9 @@ class Config:
     sizes: dict[str, SizeSettings] = field(default_factory=lambda: dict(DEFAULT_SIZES))
     rendezvous: RendezvousSettings = field(default_factory=RendezvousSettings)
     api: APISettings = field(default_factory=APISettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     source: str = "<defaults>"
 
     @property
@@ -134,6 +168,10 @@ class Config:
     @property
     def dynos_dir(self) -> Path:
         return self.state_dir / "dynos"
+
+    @property
+    def audit_path(self) -> Path:
+        return Path(self.audit.path) if self.audit.path else self.state_dir / "audit.jsonl"
 
     @property
     def manager_socket(self) -> Path:
@@ -212,12 +250,23 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
         ("ssh.listen", config.ssh.listen),
         ("rendezvous.listen", config.rendezvous.listen or "x:0"),
         ("api.listen", config.api.listen or "x:0"),
+        ("metrics.listen", config.metrics.listen or "x:0"),
     ):
         try:
             split_listen(value)
         except ValueError as exc:
             raise ConfigError(f"{source}: {key!r}: {exc}") from None
     base = base or Path.cwd()
+    try:
+        startups = [int(part) for part in config.ssh.max_startups.split(":")]
+        if len(startups) != 3 or not 0 < startups[0] <= startups[2] or not 0 <= startups[1] <= 100:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"{source}: 'ssh.max_startups' must be START:RATE:FULL, such as 10:30:100"
+        ) from None
+    if config.audit.path:
+        config = replace(config, audit=AuditSettings(str((base / config.audit.path).resolve())))
     return replace(
         config,
         state_dir=(base / config.state_dir).resolve(),

@@ -15,6 +15,7 @@ from gateway.core.applog import LineSplitter
 from gateway.core.messages import Pty
 from gateway.manager.applog import AppLog
 from gateway.manager.sandbox import DynoSpec
+from gateway.manager.spawn import Child
 
 
 class Stdio:
@@ -65,7 +66,7 @@ def _close_all(fds: list[int]) -> None:
 class Dyno:
     """A running dyno's process group and the manager's ends of its streams."""
 
-    def __init__(self, process: trio.Process, spec: DynoSpec, stdio: Stdio) -> None:
+    def __init__(self, process: Child, spec: DynoSpec, stdio: Stdio) -> None:
         self.process = process
         self.spec = spec
         self.pgid = process.pid  # a new session: the dyno's process is its group leader

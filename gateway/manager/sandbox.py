@@ -141,8 +141,10 @@ class ProcessSandbox:
         if spec.pty is not None:
             # A new session whose controlling terminal is the PTY on stdin, so the shell
             # gets job control and Ctrl-C reaches the foreground job.
-            return ["setsid", "--ctty", *argv]
-        return argv
+            argv = ["setsid", "--ctty", *argv]
+        # If the manager is killed outright, the dyno's process goes with it (what it
+        # started is found by its process group on the next start).
+        return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
 
     def env(self, spec: DynoSpec, workspace: Workspace) -> dict[str, str]:
         env = {"PATH": BASE_PATH, "HOME": str(workspace.app), "LANG": "C.UTF-8"}

@@ -35,6 +35,7 @@ from gateway.ipc import ANCILLARY_SPACE, RECV_SIZE, ancillary, unpack
 from gateway.manager.applog import AppLog
 from gateway.manager.dyno import Dyno, Stdio
 from gateway.manager.sandbox import DynoSpec, Sandbox, Workspace
+from gateway.manager.spawn import spawn
 from gateway.store import Dyno as DynoRecord
 from gateway.store import Store
 
@@ -248,15 +249,21 @@ class Manager:
         stdio = Stdio(spec.pty, attach, request.merge_output)
         try:
             command = self.sandbox.command(spec, workspace)
-            process = await trio.lowlevel.open_process(
-                command.argv,
-                stdin=stdio.child[0],
-                stdout=stdio.child[1],
-                stderr=stdio.child[2],
-                env=command.env,
-                cwd=command.cwd,
-                start_new_session=spec.pty is None,
-            )
+            try:
+                process = spawn(
+                    command.argv,
+                    stdin=stdio.child[0],
+                    stdout=stdio.child[1],
+                    stderr=stdio.child[2],
+                    env=command.env,
+                    cwd=command.cwd,
+                    new_session=spec.pty is None,
+                )
+            except OSError as exc:
+                log.error("dyno failed to start %s error=%s", where, exc)
+                self.applog.heroku(spec.app, spec.name, applog.state_changed("starting", "crashed"))
+                self.store.end_dyno(spec.app, spec.name, State.CRASHED, None, None)
+                raise Refused(f"{spec.name} failed to start: {exc.strerror}") from None
         except BaseException:
             stdio.close()
             raise
