@@ -133,8 +133,6 @@ class MetricsSettings:
 class ShutdownSettings:
     # On SIGTERM: seconds attached sessions may take to end before they are hung up.
     drain_timeout: int = 10
-    # Whether detached dynos are stopped (true) or left running for the next start.
-    stop_detached: bool = True
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import asyncssh
 from gateway.config import Config, split_listen
 from gateway.front.api import PlatformAPI
 from gateway.front.rendezvous import Rendezvous, RendezvousProtocol
+from gateway.front.sessions import ActiveSessions
 from gateway.front.ssh import GatewayServer
 from gateway.keys import HOST_KEY_NAMES
 from gateway.store import Store
@@ -28,7 +29,9 @@ async def serve(
     closes (the manager is gone); tell `ready_fd` once listening."""
     store = Store(config.db_path)
     host, port = config.ssh.host_port
+    sessions = ActiveSessions()
     context = {
+        "sessions": sessions,
         "manager_socket": config.manager_socket,
         "banner": config.dynos.banner,
         "idle_timeout": config.dynos.idle_timeout,
@@ -49,7 +52,7 @@ async def serve(
         reuse_address=True,
     )
     log.info("SSH listening on %s:%d", host, port)
-    servers = [server, *await _heroku_listeners(config, store)]
+    servers = [server, *await _heroku_listeners(config, store, sessions)]
     if ready_fd is not None:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
@@ -61,18 +64,22 @@ async def serve(
     if lifeline_fd is not None:
         loop.add_reader(lifeline_fd, stop.set)
     await stop.wait()
-    log.info("SSH front stopping")
+    log.info("SSH front stopping: no new connections")
     for listener in servers:
         listener.close()
+    await sessions.drain(config.shutdown.drain_timeout)
     for listener in servers:
         await listener.wait_closed()
+    log.info("SSH front stopped")
 
 
-async def _heroku_listeners(config: Config, store: Store) -> list[asyncio.AbstractServer]:
+async def _heroku_listeners(
+    config: Config, store: Store, sessions: ActiveSessions
+) -> list[asyncio.AbstractServer]:
     """The rendezvous port (TLS) and the Platform API the heroku CLI talks to."""
     if not config.rendezvous.listen or not config.api.listen:
         return []
-    rendezvous = Rendezvous(config.rendezvous.attach_timeout, config.dynos.idle_timeout)
+    rendezvous = Rendezvous(config.rendezvous.attach_timeout, config.dynos.idle_timeout, sessions)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(config.keys_dir / SERVER_CERT, config.keys_dir / SERVER_KEY)

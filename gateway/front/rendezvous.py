@@ -21,6 +21,7 @@ from gateway.core.messages import Pty
 from gateway.core.rendezvous import GREETING, BadHandshake, exit_marker, read_secret
 from gateway.front.attachment import Attachment, Client
 from gateway.front.link import ManagerLink
+from gateway.front.sessions import ActiveSessions
 
 log = logging.getLogger("gateway.front")
 
@@ -39,9 +40,10 @@ class PendingAttach:
 class Rendezvous:
     """The dynos waiting for their client, by a hash of their secret."""
 
-    def __init__(self, attach_timeout: int, idle_timeout: int) -> None:
+    def __init__(self, attach_timeout: int, idle_timeout: int, sessions: ActiveSessions) -> None:
         self.attach_timeout = attach_timeout
         self.idle_timeout = idle_timeout
+        self.sessions = sessions
         self._pending: dict[str, PendingAttach] = {}
 
     def add(self, pending: PendingAttach) -> str:
@@ -176,6 +178,7 @@ class RendezvousProtocol(asyncio.Protocol):
             return
         log.info("rendezvous attached %s pty=%s", self.where, pending.pty is not None)
         attachment.start(fds, pty=pending.pty is not None)
+        self.rendezvous.sessions.add(self)
         exited = await pending.link.receive()
         await attachment.drained()
         if exited is None or exited[0]["type"] != "exited":
@@ -197,7 +200,16 @@ class RendezvousProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def notify(self, text: str) -> None:
+        if self._transport is not None:
+            self._transport.write(f"\r\n{text}\r\n".encode())
+
+    def hang_up(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
     def _close(self) -> None:
+        self.rendezvous.sessions.discard(self)
         if self._attachment is not None:
             self._attachment.close()
         if self._pending is not None:

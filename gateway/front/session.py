@@ -22,6 +22,7 @@ from gateway.core.messages import SIGNALS, Pty
 from gateway.front.attachment import Attachment, Client
 from gateway.front.link import ManagerLink, ManagerUnavailable
 from gateway.front.reserved import ReservedCommand
+from gateway.front.sessions import ActiveSessions
 from gateway.store import Store
 
 log = logging.getLogger("gateway.front")
@@ -35,6 +36,7 @@ class SessionContext:
     banner: bool
     idle_timeout: int
     store: Store
+    sessions: ActiveSessions
 
 
 class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
@@ -198,6 +200,7 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             shown = command or "bash"
             chan.write_stderr(f"Running `{shown}` attached to terminal... up, {dyno}\r\n".encode())
         attachment.start(fds, pty=self._pty is not None)
+        self.context.sessions.add(self)
         exited = await link.receive()
         await attachment.drained()
         if exited is None or exited[0]["type"] != "exited":
@@ -254,8 +257,16 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         """Wait while the client is not taking our output (the channel paused us)."""
         await self._writable.wait()
 
+    def notify(self, text: str) -> None:
+        self.write(f"{text}\n", stderr=True)
+
+    def hang_up(self) -> None:
+        if self._chan is not None:
+            self._chan.close()
+
     def _close(self) -> None:
         """Release everything; closing the link is what tells the manager we are gone."""
+        self.context.sessions.discard(self)
         if self._attachment is not None:
             self._attachment.close()
         if self._link is not None:

@@ -36,14 +36,19 @@ async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], No
     store = Store(config.db_path)
     sandbox = choose_sandbox(config)
     manager = Manager(config, store, sandbox)
+    front = Front(front_argv)
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.serve)
-        await nursery.start(_run_front, front_argv)
+        await nursery.start(front.run)
         on_ready()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("stopping on %s", signal.Signals(signum).name)
                 break
+        # The front stops accepting, tells attached clients, drains, then hangs them up
+        # (their dynos get SIGHUP); what still runs after that is stopped as run:stop does.
+        await front.stop(config.shutdown.drain_timeout + 5)
+        await manager.stop_all()
         nursery.cancel_scope.cancel()
 
 
@@ -58,33 +63,53 @@ def choose_sandbox(config: Config) -> Sandbox:
     return sandbox
 
 
-async def _run_front(
-    argv: list[str], task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Start the front and hold it: `ready` tells us it listens, and the lifeline (a pipe
-    we never write) tells it when we are gone, whichever way we die."""
-    ready_r, ready_w = os.pipe()
-    lifeline_r, lifeline_w = os.pipe()
-    env = dict(os.environ, GATEWAY_READY_FD=str(ready_w), GATEWAY_LIFELINE_FD=str(lifeline_r))
-    try:
-        front = await trio.lowlevel.open_process(argv, pass_fds=(ready_w, lifeline_r), env=env)
-    finally:
-        os.close(ready_w)
-        os.close(lifeline_r)
-    try:
-        async with trio.lowlevel.FdStream(ready_r) as ready:
-            if not await ready.receive_some(16):
-                raise FrontDied(f"the SSH front exited at start (status {await front.wait()})")
-        task_status.started()
-        status = await front.wait()
-        raise FrontDied(f"the SSH front exited with status {status}")
-    finally:
-        os.close(lifeline_w)
-        with trio.CancelScope(shield=True):
-            front.terminate()
-            with trio.move_on_after(10):
-                await front.wait()
-            front.kill()
+class Front:
+    """The SSH front, a child process: started, watched, and given time to drain."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.stopping = False
+        self.exited = trio.Event()
+        self._process: trio.Process | None = None
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the front and hold it: `ready` tells us it listens, and the lifeline (a
+        pipe we never write) tells it when we are gone, whichever way we die."""
+        ready_r, ready_w = os.pipe()
+        lifeline_r, lifeline_w = os.pipe()
+        env = dict(os.environ, GATEWAY_READY_FD=str(ready_w), GATEWAY_LIFELINE_FD=str(lifeline_r))
+        try:
+            front = await trio.lowlevel.open_process(
+                self.argv, pass_fds=(ready_w, lifeline_r), env=env
+            )
+        finally:
+            os.close(ready_w)
+            os.close(lifeline_r)
+        self._process = front
+        try:
+            async with trio.lowlevel.FdStream(ready_r) as ready:
+                if not await ready.receive_some(16):
+                    raise FrontDied(f"the SSH front exited at start (status {await front.wait()})")
+            task_status.started()
+            status = await front.wait()
+            self.exited.set()
+            if not self.stopping:
+                raise FrontDied(f"the SSH front exited with status {status}")
+        finally:
+            os.close(lifeline_w)
+            with trio.CancelScope(shield=True):
+                front.terminate()
+                with trio.move_on_after(10):
+                    await front.wait()
+                front.kill()
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM (the front drains) and wait for it to exit, at most `timeout` seconds."""
+        self.stopping = True
+        if self._process is not None:
+            self._process.terminate()
+        with trio.move_on_after(timeout):
+            await self.exited.wait()
 
 
 def run(config: Config, front_argv: list[str], on_ready: Callable[[], None]) -> int:

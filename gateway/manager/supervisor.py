@@ -34,6 +34,7 @@ from gateway.core.procfile import resolve_command
 from gateway.ipc import ANCILLARY_SPACE, RECV_SIZE, ancillary, unpack
 from gateway.manager.applog import AppLog
 from gateway.manager.dyno import Dyno, Stdio
+from gateway.manager.orphans import end_group, start_time
 from gateway.manager.sandbox import DynoSpec, Sandbox, Workspace
 from gateway.manager.spawn import spawn
 from gateway.store import Dyno as DynoRecord
@@ -57,6 +58,8 @@ class Manager:
         self.applog = AppLog(store, config.logs.lines_per_app)
         # The dynos this manager supervises, by (app, name); run:stop finds them here.
         self.running: dict[tuple[str, str], Dyno | None] = {}
+        self._none_running = trio.Event()
+        self._none_running.set()
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept front connections until cancelled; every dyno task is a child of this one,
@@ -81,6 +84,8 @@ class Manager:
         """Close the records of dynos a previous manager left running (it died with them:
         every dyno dies with its supervisor) and remove their directories."""
         for dyno in self.store.list_dynos(running=True):
+            if dyno.pid is not None and end_group(dyno.pid, dyno.pid_started):
+                log.warning("ended orphaned processes app=%s dyno=%s", dyno.app, dyno.name)
             self.applog.heroku(dyno.app, dyno.name, applog.state_changed(dyno.state, "crashed"))
             self.store.end_dyno(dyno.app, dyno.name, State.CRASHED, None, None)
             log.warning(
@@ -160,12 +165,26 @@ class Manager:
         )
         key = (app.name, record.name)
         self.running[key] = None  # counted against the limits from now on
+        self._none_running = trio.Event()
         try:
             if request.await_attach and not await self._await_client(sock, record):
                 return
             await self._run(sock, request, record, release.version)
         finally:
             del self.running[key]
+            if not self.running:
+                self._none_running.set()
+
+    async def stop_all(self) -> None:
+        """At shutdown: stop every dyno still running (SIGTERM, stop_grace, SIGKILL, with
+        Heroku's log lines), and wait for them to end."""
+        for dyno in self.running.values():
+            if dyno is not None:
+                dyno.stop_scope.cancel()
+        if self.running:
+            log.info("stopping %d dynos", len(self.running))
+        with trio.move_on_after(self.config.dynos.stop_grace + 5):
+            await self._none_running.wait()
 
     async def _await_client(self, sock: trio.socket.SocketType, record: DynoRecord) -> bool:
         """A dyno made through the API: name it now, start it when its client arrives on
@@ -268,6 +287,7 @@ class Manager:
             stdio.close()
             raise
         stdio.close_child()
+        self.store.set_dyno_process(spec.app, spec.name, process.pid, start_time(process.pid) or 0)
         dyno = Dyno(process, spec, stdio)
         self.running[(spec.app, spec.name)] = dyno
         try:

@@ -92,6 +92,10 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     """,
+    """
+    ALTER TABLE dynos ADD COLUMN pid INTEGER;
+    ALTER TABLE dynos ADD COLUMN pid_started INTEGER;
+    """,
 ]
 
 
@@ -139,6 +143,8 @@ class Dyno:
     ended_at: float | None
     exit_status: int | None
     exit_signal: str | None
+    pid: int | None = None
+    pid_started: int | None = None
 
     def row(self) -> DynoRow:
         return DynoRow(
@@ -360,6 +366,16 @@ class Store:
             )
         return self.get_dyno(app, name)  # type: ignore[return-value]
 
+    def set_dyno_process(self, app: str, name: str, pid: int, started: int) -> None:
+        """The dyno's process (its group leader) and its start time in clock ticks, so
+        that a manager starting after a crash can end what its predecessor left."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE dynos SET pid = ?, pid_started = ? WHERE name = ?"
+                " AND app_id = (SELECT id FROM apps WHERE name = ?)",
+                (pid, started, name, app),
+            )
+
     def set_dyno_state(self, app: str, name: str, state: State) -> None:
         with self._write() as db:
             db.execute(
@@ -496,4 +512,6 @@ def _dyno(row: sqlite3.Row) -> Dyno:
         ended_at=row["ended_at"],
         exit_status=row["exit_status"],
         exit_signal=row["exit_signal"],
+        pid=row["pid"],
+        pid_started=row["pid_started"],
     )

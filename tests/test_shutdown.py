@@ -1,0 +1,47 @@
+"""SIGTERM: stop accepting, tell attached clients, drain, then end what is left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from tests.conftest import Gateway, wait_until
+
+
+def _pids_with(marker: str, client: subprocess.Popen[bytes] | None = None) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split() if client is None or int(pid) != client.pid]
+
+
+def test_sigterm_tells_attached_clients_and_leaves_nothing(own_gateway: Gateway) -> None:
+    gw = own_gateway
+    gw.extra_config = "stop_grace = 2\n[shutdown]\ndrain_timeout = 1\n"
+    gw.write_config()
+    gw.start()
+    app = gw.new_app()
+    attached = f"sleep 1000.{os.getpid()}3"
+    detached = f"sleep 1000.{os.getpid()}4"
+    client = subprocess.Popen(
+        gw.ssh_argv(app, f"{attached}; true"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert gw.ssh(app, "run:detached", f"{detached}; true").returncode == 0
+    assert wait_until(lambda: _pids_with(attached, client) and _pids_with(detached), 10)
+    assert gw.process is not None
+    started = time.monotonic()
+    gw.process.send_signal(signal.SIGTERM)
+    _, err = client.communicate(timeout=15)
+    assert b"gateway: shutting down; this session will be closed in 1 s" in err
+    assert gw.process.wait(20) == 0
+    assert time.monotonic() - started < 10
+    gw.process = None
+    assert not _pids_with(attached) and not _pids_with(detached)
+    assert not any((gw.state_dir / "dynos").iterdir())
+    logs = gw.cli("logs", app).stdout
+    assert "heroku[run.1]: Process exited with status 129" in logs  # hung up, as on disconnect
+    assert "heroku[run.2]: Stopping all processes with SIGTERM" in logs
+    assert "heroku[run.2]: State changed from up to complete" in logs
+    refused = subprocess.run(gw.ssh_argv(app, "true"), capture_output=True, timeout=30)
+    assert refused.returncode == 255  # nothing listens any more
