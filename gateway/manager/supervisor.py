@@ -180,6 +180,10 @@ class Manager:
         Heroku's log lines), and wait for them to end."""
         for dyno in self.running.values():
             if dyno is not None:
+                if not dyno.detached:
+                    # As on a disconnect first, so that what does not trap SIGHUP ends
+                    # by it, whichever of the front's hang-up and this comes first.
+                    dyno.signal_group(signal.SIGHUP)
                 dyno.stop_scope.cancel()
         if self.running:
             log.info("stopping %d dynos", len(self.running))
