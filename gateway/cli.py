@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config as config_module
+from gateway.audit import AuditLog
 from gateway.config import Config, ConfigError
 from gateway.core.authorized_keys import BadKey, parse_text
 from gateway.core.commands import format_ps
@@ -59,6 +61,11 @@ def _store(config: Config) -> Store:
     return Store(config.db_path)
 
 
+def _audit(config: Config, kind: str, **fields: Any) -> None:
+    """An admin change, in the audit trail (who: the local user running the command)."""
+    AuditLog(config.audit_path).event(kind, by=getpass.getuser(), **fields)
+
+
 def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -73,6 +80,7 @@ def _print_json(value: Any) -> None:
 @command("apps:create", "create an app", app_arg, json_arg)
 def apps_create(args: argparse.Namespace, config: Config) -> int:
     app = _store(config).create_app(check_app_name(args.app))
+    _audit(config, "app_created", app=app.name)
     if args.json:
         _print_json({"name": app.name, "size": app.size, "created_at": _when(app.created_at)})
     else:
@@ -149,6 +157,7 @@ def releases_create(args: argparse.Namespace, config: Config) -> int:
         if incoming.exists():
             remove_tree(incoming)
         incoming_slug.unlink(missing_ok=True)
+    _audit(config, "release_created", app=app.name, version=release.version, sha256=unpacked.sha256)
     if args.json:
         _print_json(_release_json(release))
     else:
@@ -205,6 +214,7 @@ def config_set(args: argparse.Namespace, config: Config) -> int:
             raise UserError(f"{pair!r} is not KEY=VALUE")
         values[check_config_key(key)] = value
     _store(config).set_config(args.app, values)
+    _audit(config, "config_set", app=args.app, keys=sorted(values))  # never the values
     print(f"Set {', '.join(values)} on {args.app}")
     return 0
 
@@ -212,6 +222,7 @@ def config_set(args: argparse.Namespace, config: Config) -> int:
 @command("config:unset", "remove config vars", app_arg, lambda p: p.add_argument("keys", nargs="+"))
 def config_unset(args: argparse.Namespace, config: Config) -> int:
     _store(config).unset_config(args.app, args.keys)
+    _audit(config, "config_unset", app=args.app, keys=sorted(args.keys))
     print(f"Unset {', '.join(args.keys)} on {args.app}")
     return 0
 
@@ -248,6 +259,8 @@ def keys_add(args: argparse.Namespace, config: Config) -> int:
     store = _store(config)
     for key in keys:
         added = store.add_key(args.app, key.fingerprint, key.line, key.comment)
+        if added:
+            _audit(config, "key_added", app=args.app, key=key.fingerprint)
         print(f"{'Added' if added else 'Already there'}: {key.fingerprint} {key.comment}".rstrip())
     return 0
 
@@ -272,6 +285,7 @@ def keys_list(args: argparse.Namespace, config: Config) -> int:
 def keys_remove(args: argparse.Namespace, config: Config) -> int:
     if not _store(config).remove_key(args.app, args.fingerprint):
         raise UserError(f"no key {args.fingerprint} on {args.app}")
+    _audit(config, "key_removed", app=args.app, key=args.fingerprint)
     print(f"Removed {args.fingerprint} from {args.app}")
     return 0
 
@@ -337,6 +351,7 @@ def apps_update(args: argparse.Namespace, config: Config) -> int:
     if args.size not in config.sizes:
         raise UserError(f"unknown dyno size {args.size!r}: choose one of {', '.join(config.sizes)}")
     _store(config).set_app_size(args.app, args.size)
+    _audit(config, "app_updated", app=args.app, size=args.size)
     print(f"{args.app} now runs {args.size} dynos by default")
     return 0
 
@@ -388,6 +403,7 @@ def _manager(config: Config, kind: str, **fields: Any) -> Iterator[dict[str, Any
 def tokens_create(args: argparse.Namespace, config: Config) -> int:
     token = secrets.token_urlsafe(32)
     _store(config).add_token(token, args.app)
+    _audit(config, "token_created", apps=sorted(args.app))  # never the token
     print(token)
     return 0
 

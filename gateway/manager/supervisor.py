@@ -14,6 +14,7 @@ import signal
 
 import trio
 
+from gateway.audit import AuditLog
 from gateway.config import Config
 from gateway.core import applog
 from gateway.core.dyno import Exit, State
@@ -32,6 +33,7 @@ from gateway.core.messages import (
 )
 from gateway.core.procfile import resolve_command
 from gateway.ipc import ANCILLARY_SPACE, RECV_SIZE, ancillary, unpack
+from gateway.manager import metrics
 from gateway.manager.applog import AppLog
 from gateway.manager.dyno import Dyno, Stdio
 from gateway.manager.orphans import end_group, start_time
@@ -56,6 +58,7 @@ class Manager:
         self.store = store
         self.sandbox = sandbox
         self.applog = AppLog(store, config.logs.lines_per_app)
+        self.audit = AuditLog(config.audit_path)
         # The dynos this manager supervises, by (app, name); run:stop finds them here.
         self.running: dict[tuple[str, str], Dyno | None] = {}
         self._none_running = trio.Event()
@@ -86,8 +89,7 @@ class Manager:
         for dyno in self.store.list_dynos(running=True):
             if dyno.pid is not None and end_group(dyno.pid, dyno.pid_started):
                 log.warning("ended orphaned processes app=%s dyno=%s", dyno.app, dyno.name)
-            self.applog.heroku(dyno.app, dyno.name, applog.state_changed(dyno.state, "crashed"))
-            self.store.end_dyno(dyno.app, dyno.name, State.CRASHED, None, None)
+            self._crashed(dyno.app, dyno.name, dyno.size, dyno.state)
             log.warning(
                 "dyno closed after restart app=%s dyno=%s state=crashed", dyno.app, dyno.name
             )
@@ -119,6 +121,10 @@ class Manager:
                     await self.stop(sock, stop_request(message))
                 elif kind == "logs":
                     await self.stream_logs(sock, logs_request(message))
+                elif kind == "metrics":
+                    for part in batches(metrics.exposition().splitlines()):
+                        await _send(sock, encode("metrics", lines=part))
+                    await _send(sock, encode("end"))
                 else:
                     raise BadMessage(f"unexpected {kind!r} message")
             except (BadMessage, OSError) as exc:
@@ -211,12 +217,13 @@ class Manager:
             applog.exited(128),
             applog.state_changed("starting", "complete"),
         )
-        self.store.end_dyno(app, name, State.COMPLETE, 128, None)
+        self._close_record(app, name, record.size, State.COMPLETE, Exit(status=128), "unclaimed")
         return False
 
     async def _run(
         self, sock: trio.socket.SocketType, request: RunRequest, record: DynoRecord, version: int
     ) -> None:
+        request_time = trio.current_time()
         app = record.app
         spec = DynoSpec(
             app=app,
@@ -237,16 +244,17 @@ class Manager:
             workspace = await self.sandbox.prepare(spec)
         except Exception as exc:
             log.error("dyno failed to start %s error=%s", where, exc)
-            self.applog.heroku(app, record.name, applog.state_changed("starting", "crashed"))
-            self.store.end_dyno(app, record.name, State.CRASHED, None, None)
+            self._crashed(app, record.name, record.size, "starting")
             raise Refused(f"{record.name} failed to start") from None
         try:
-            await self._supervise(sock, spec, workspace, where, request)
+            await self._supervise(sock, spec, workspace, where, request, request_time)
         finally:
             with trio.CancelScope(shield=True):
                 await self.sandbox.remove(workspace)
 
-    def _record_end(self, spec: DynoSpec, workspace: Workspace, exit: Exit, where: str) -> None:
+    def _record_end(
+        self, spec: DynoSpec, workspace: Workspace, exit: Exit, result: str, where: str
+    ) -> None:
         """Close the dyno's record and log its end, before the client hears of it, so that
         what a client sees next (run:list, logs, usage) already holds it."""
         self.applog.heroku(
@@ -256,8 +264,26 @@ class Manager:
             applog.exited(exit.shell_status),
             applog.state_changed("up", "complete"),
         )
-        self.store.end_dyno(spec.app, spec.name, State.COMPLETE, exit.status, exit.signal)
-        log.info("dyno ended %s status=%s signal=%s", where, exit.status, exit.signal)
+        self._close_record(spec.app, spec.name, spec.size, State.COMPLETE, exit, result)
+        log.info(
+            "dyno ended %s status=%s signal=%s result=%s", where, exit.status, exit.signal, result
+        )
+
+    def _close_record(
+        self, app: str, name: str, size: str, state: State, exit: Exit, result: str
+    ) -> None:
+        """Every dyno's end goes through here: the record, the metrics, the audit trail."""
+        self.store.end_dyno(app, name, state, exit.status, exit.signal)
+        metrics.DYNO_ENDS.labels(app, size, result).inc()
+        self.audit.event(
+            "dyno_end", app=app, dyno=name, size=size, result=result,
+            exit_status=exit.status, exit_signal=exit.signal,
+        )  # fmt: skip
+
+    def _crashed(self, app: str, name: str, size: str, old_state: str) -> None:
+        """A dyno that never ran (or whose manager died): crashed, status unknown."""
+        self.applog.heroku(app, name, applog.state_changed(old_state, "crashed"))
+        self._close_record(app, name, size, State.CRASHED, Exit(), "crashed")
 
     async def _supervise(
         self,
@@ -266,6 +292,7 @@ class Manager:
         workspace: Workspace,
         where: str,
         request: RunRequest,
+        request_time: float,
     ) -> None:
         """Start the process, hand its stdio to the front, and see it to its end."""
         attach = request.attach
@@ -284,23 +311,30 @@ class Manager:
                 )
             except OSError as exc:
                 log.error("dyno failed to start %s error=%s", where, exc)
-                self.applog.heroku(spec.app, spec.name, applog.state_changed("starting", "crashed"))
-                self.store.end_dyno(spec.app, spec.name, State.CRASHED, None, None)
+                self._crashed(spec.app, spec.name, spec.size, "starting")
                 raise Refused(f"{spec.name} failed to start: {exc.strerror}") from None
         except BaseException:
             stdio.close()
             raise
         stdio.close_child()
+        metrics.DYNO_START_SECONDS.observe(trio.current_time() - request_time)
+        metrics.DYNO_STARTS.labels(spec.app, spec.size).inc()
+        running = metrics.DYNOS_RUNNING.labels(spec.app, spec.size)
+        running.inc()
+        self.audit.event("dyno_start", app=spec.app, dyno=spec.name, size=spec.size,
+                         command=spec.command, attached=attach, pid=process.pid)  # fmt: skip
         self.store.set_dyno_process(spec.app, spec.name, process.pid, start_time(process.pid) or 0)
         dyno = Dyno(process, spec, stdio)
         self.running[(spec.app, spec.name)] = dyno
+        result = "exited"
         try:
+            # Up before the client hears of it, so what it asks next already says so.
+            self.store.set_dyno_state(spec.app, spec.name, State.UP)
+            self.applog.heroku(spec.app, spec.name, applog.state_changed("starting", "up"))
             try:
                 await _send(sock, encode("started", dyno=spec.name, size=spec.size), stdio.front)
             finally:
                 stdio.close_front()
-            self.store.set_dyno_state(spec.app, spec.name, State.UP)
-            self.applog.heroku(spec.app, spec.name, applog.state_changed("starting", "up"))
             log.info("dyno up %s pid=%d", where, process.pid)
             async with trio.open_nursery() as nursery:
                 if attach:
@@ -312,10 +346,12 @@ class Manager:
                     with dyno.stop_scope:
                         await process.wait()
                 if lifetime.cancelled_caught:
+                    result = "cycled"
                     log.info("dyno cycled (max_lifetime) %s", where)
                     self.applog.heroku(spec.app, spec.name, "Cycling")
                     await self._stop(dyno)
                 elif dyno.stop_scope.cancelled_caught:
+                    result = "stopped"
                     log.info("dyno stopped (run:stop) %s", where)
                     await self._stop(dyno)
                 dyno.end_group()
@@ -327,13 +363,15 @@ class Manager:
         except BaseException:
             with trio.CancelScope(shield=True):
                 await dyno.stop(grace=1)
-                self._record_end(spec, workspace, Exit.from_returncode(process.returncode), where)
+                exit = Exit.from_returncode(process.returncode)
+                self._record_end(spec, workspace, exit, "stopped", where)
             raise
         finally:
+            running.dec()
             dyno.end_group()
             stdio.close()
         exit = Exit.from_returncode(process.returncode)
-        self._record_end(spec, workspace, exit, where)
+        self._record_end(spec, workspace, exit, result, where)
         if attach:
             # If the client is gone, the record still says how the dyno ended.
             with contextlib.suppress(OSError):
@@ -390,6 +428,7 @@ class Manager:
         if dyno is None:
             raise Refused(f"no running dyno {request.dyno} on {request.app}; see run:list")
         log.info("stop requested app=%s dyno=%s", request.app, request.dyno)
+        self.audit.event("dyno_stop", app=request.app, dyno=request.dyno)
         dyno.stop_scope.cancel()
         await _send(sock, encode("stopping", dyno=request.dyno))
 
