@@ -9,6 +9,8 @@ import logging
 import os
 import secrets
 import shutil
+import socket
+import stat
 import sys
 import tarfile
 import time
@@ -20,11 +22,11 @@ from typing import Any
 
 from gateway import config as config_module
 from gateway.audit import AuditLog
-from gateway.config import Config, ConfigError
+from gateway.config import Config, ConfigError, split_listen
 from gateway.core.authorized_keys import BadKey, parse_text
 from gateway.core.commands import format_ps
 from gateway.core.names import InvalidName, check_app_name, check_config_key
-from gateway.keys import ensure_host_keys, public_key, write_key_pair
+from gateway.keys import HOST_KEY_NAMES, ensure_host_keys, public_key, write_key_pair
 from gateway.manager_client import ManagerUnreachable, request
 from gateway.store import Store, StoreError
 from gateway.tls import ensure_rendezvous_cert
@@ -450,6 +452,73 @@ def front(args: argparse.Namespace, config: Config) -> int:
     lifeline = os.environ.pop("GATEWAY_LIFELINE_FD", None)
     run(config, int(ready) if ready else None, int(lifeline) if lifeline else None)
     return 0
+
+
+@command("check", "check config, keys, sandbox, state DB and ports; exit 1 on a problem")
+def check(args: argparse.Namespace, config: Config) -> int:
+    """For operators and for systemd (ExecStartPre): every line says what was checked."""
+    from gateway.manager.main import SandboxUnavailable, choose_sandbox
+
+    results: list[tuple[bool, str]] = [(True, f"config: {config.source}")]
+    for name in HOST_KEY_NAMES:
+        path = config.keys_dir / name
+        if not path.exists():
+            writable = os.access(
+                path.parent if path.parent.exists() else config.keys_dir.parent, os.W_OK
+            )
+            results.append(
+                (
+                    writable,
+                    f"host key {path}: missing, made at first start"
+                    if writable
+                    else f"host key {path}: missing and cannot be made",
+                )
+            )
+        elif stat.S_IMODE(path.stat().st_mode) & 0o077:
+            results.append((False, f"host key {path}: readable by others (chmod 600)"))
+        else:
+            results.append((True, f"host key {path}: {public_key(path).fingerprint}"))
+    try:
+        store = Store(config.db_path)
+        results.append(
+            (
+                True,
+                f"state: {config.db_path} (schema v{store.schema_version}, "
+                f"{len(store.list_apps())} apps)",
+            )
+        )
+    except Exception as exc:
+        results.append((False, f"state: {config.db_path}: {exc}"))
+    logging.disable(logging.WARNING)
+    try:
+        results.append((True, choose_sandbox(config).describe()))
+    except SandboxUnavailable as exc:
+        results.append((False, f"sandbox: {exc}"))
+    finally:
+        logging.disable(logging.NOTSET)
+    for key, listen in (
+        ("ssh.listen", config.ssh.listen),
+        ("rendezvous.listen", config.rendezvous.listen),
+        ("api.listen", config.api.listen),
+        ("metrics.listen", config.metrics.listen),
+    ):
+        if listen:
+            results.append(_port_free(key, listen))
+    for ok, line in results:
+        print(f"{'ok  ' if ok else 'FAIL'} {line}")
+    return 0 if all(ok for ok, _ in results) else 1
+
+
+def _port_free(key: str, listen: str) -> tuple[bool, str]:
+    host, port = split_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return False, f"{key} {listen}: cannot listen ({exc.strerror}; is the gateway running?)"
+    return True, f"{key} {listen}: free"
 
 
 DEMO_APP = "demo"

@@ -150,3 +150,17 @@ def test_host_keys_are_private_printed_and_never_replaced(gw: Gateway) -> None:
     assert any(line.startswith("host key ssh-ed25519 SHA256:") for line in gw.log)
     gw.start()
     assert {name: (keys / name).read_bytes() for name in first} == first
+
+
+def test_check_reports_each_part_and_fails_on_a_taken_port(gw: Gateway) -> None:
+    fresh = gw.cli("check")
+    assert fresh.returncode == 0, fresh.stdout
+    lines = fresh.stdout.splitlines()
+    assert lines[0].startswith("ok   config: ")
+    assert any(line.startswith("ok   state: ") for line in lines)
+    assert any("sandbox in force" in line for line in lines)
+    gw.start()  # now the gateway holds its ports
+    busy = gw.cli("check", check=False)
+    assert busy.returncode == 1
+    assert f"FAIL ssh.listen 127.0.0.1:{gw.port}: cannot listen" in busy.stdout
+    gw.stop()
