@@ -14,7 +14,7 @@ from gateway.config import Config, split_listen
 from gateway.front.api import PlatformAPI
 from gateway.front.rendezvous import Rendezvous, RendezvousProtocol
 from gateway.front.sessions import ActiveSessions
-from gateway.front.ssh import GatewayServer
+from gateway.front.ssh import ALGORITHMS, GatewayServer, PreAuthLimits, load_host_keys
 from gateway.keys import HOST_KEY_NAMES
 from gateway.store import Store
 from gateway.tls import SERVER_CERT, SERVER_KEY
@@ -35,12 +35,15 @@ async def serve(
         "manager_socket": config.manager_socket,
         "banner": config.dynos.banner,
         "idle_timeout": config.dynos.idle_timeout,
+        "accept_env": config.ssh.accept_env,
     }
+    limits = PreAuthLimits(config.ssh)
     server = await asyncssh.create_server(
-        lambda: GatewayServer(store, context),
+        lambda: GatewayServer(store, context, limits),
         host,
         port,
-        server_host_keys=[str(config.keys_dir / name) for name in HOST_KEY_NAMES],
+        server_host_keys=load_host_keys([str(config.keys_dir / n) for n in HOST_KEY_NAMES]),
+        **ALGORITHMS,
         encoding=None,
         line_editor=False,
         agent_forwarding=False,

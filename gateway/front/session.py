@@ -19,6 +19,7 @@ import asyncssh
 
 from gateway.core import commands
 from gateway.core.messages import SIGNALS, Pty
+from gateway.core.prelimits import filter_env
 from gateway.front.attachment import Attachment, Client
 from gateway.front.link import ManagerLink, ManagerUnavailable
 from gateway.front.reserved import ReservedCommand
@@ -37,6 +38,8 @@ class SessionContext:
     idle_timeout: int
     store: Store
     sessions: ActiveSessions
+    # Client `env` requests that reach the dyno ([ssh] accept_env); none when empty.
+    accept_env: tuple[str, ...] = ()
 
 
 class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
@@ -176,7 +179,7 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             app=self.context.app,
             command=command,
             pty=pty,
-            env=env or {},
+            env={**self._client_env(), **(env or {})},  # `run -e K=V` wins
             size=size,
             connection=self.context.connection,
         )
@@ -213,6 +216,15 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             chan.exit_with_signal(str(signame))
         else:
             chan.exit(int(status) if isinstance(status, int) else 255)
+
+    def _client_env(self) -> dict[str, str]:
+        """The client's env requests that [ssh] accept_env lets through to the dyno."""
+        assert self._chan is not None
+        accepted, refused = filter_env(self._chan.get_environment(), self.context.accept_env)
+        if refused:
+            names = ",".join(repr(name[:64]) for name in refused[:10])
+            log.info("env refused %s names=%s count=%d", self.where, names, len(refused))
+        return accepted
 
     def _idle_cutoff(self) -> None:
         """No bytes either way for idle_timeout: close the session; the dyno gets SIGHUP

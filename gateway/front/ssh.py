@@ -1,6 +1,9 @@
 """SSH authentication and session set-up: the user name is the app, keys are per app.
 
 An unknown app and a wrong key look the same to the client: both are a refused key.
+Before authentication the OpenSSH-style limits of gateway/core/prelimits.py apply:
+random early drop of unauthenticated connections, a per-source penalty, max auth tries
+and, once in, max sessions per connection. Each refusal is one log line with its reason.
 """
 
 from __future__ import annotations
@@ -9,10 +12,17 @@ import contextlib
 import itertools
 import logging
 import os
+import random
+import re
 import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import asyncssh
 
+from gateway.config import SSHSettings
+from gateway.core.prelimits import PenaltyBox, Startups, should_drop
 from gateway.front.channel import adopt
 from gateway.front.session import DynoSession, SessionContext
 from gateway.store import Store
@@ -21,6 +31,94 @@ log = logging.getLogger("gateway.front")
 
 _ids = itertools.count(1)
 
+# Offered algorithms (docs/configuration.md, "Algorithms"): nothing ssh-audit fails (no
+# NIST curves, SHA-1, GEX or small groups; one 4096-bit DH group as the fallback, since
+# each DH kex is costly for the server), and no chacha20-poly1305: the client's order
+# picks the cipher, OpenSSH's puts chacha20 first, and it costs asyncssh ~1.5x the CPU of
+# AES here (AES-NI); OpenSSH clients then use aes128-ctr + umac-128-etm, others AES-GCM.
+ALGORITHMS: dict[str, list[str]] = {
+    "kex_algs": [
+        "mlkem768x25519-sha256",
+        "curve25519-sha256",
+        "curve25519-sha256@libssh.org",
+        "curve448-sha512",
+        "diffie-hellman-group16-sha512",
+    ],
+    "encryption_algs": [
+        "aes128-gcm@openssh.com",
+        "aes256-gcm@openssh.com",
+        "aes128-ctr",
+        "aes192-ctr",
+        "aes256-ctr",
+    ],
+    "mac_algs": [
+        "umac-128-etm@openssh.com",
+        "hmac-sha2-256-etm@openssh.com",
+        "hmac-sha2-512-etm@openssh.com",
+    ],
+}
+# Host key signatures: RSA keys sign with SHA-2 only (ssh-rsa is SHA-1).
+HOST_KEY_ALGORITHMS = (b"ssh-ed25519", b"rsa-sha2-512", b"rsa-sha2-256")
+LOGIN_TIMEOUT = "Login timeout expired"  # asyncssh's reason when login_timeout fires
+_PLAIN = re.compile(r"[A-Za-z0-9._@+-]{1,100}")
+
+
+def shown(name: str) -> str:
+    """A client-chosen name (the user name before auth) as a log line may show it: as is
+    when plain, else quoted, so it cannot forge a line or a field."""
+    return name if _PLAIN.fullmatch(name) else repr(name[:100])
+
+
+def load_host_keys(paths: Sequence[str]) -> list[asyncssh.SSHKeyPair]:
+    """The host keys, each offering only the signature algorithms in HOST_KEY_ALGORITHMS
+    (asyncssh has no server option for this; it offers what each key pair lists)."""
+    keypairs = asyncssh.load_keypairs(list(paths))
+    for keypair in keypairs:
+        allowed = [alg for alg in keypair.host_key_algorithms if alg in HOST_KEY_ALGORITHMS]
+        keypair.host_key_algorithms = allowed
+    return [keypair for keypair in keypairs if keypair.host_key_algorithms]
+
+
+class PreAuthLimits:
+    """Front-wide state behind the pre-auth limits: how many connections have not yet
+    authenticated, and which sources are penalized. One per SSH listener."""
+
+    def __init__(
+        self,
+        settings: SSHSettings,
+        rng: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.startups = Startups.parse(settings.max_startups)
+        self.penalties = PenaltyBox(settings.penalty_failures, settings.penalty_time)
+        self.max_auth_tries = settings.max_auth_tries
+        self.max_sessions = settings.max_sessions
+        self.login_grace_time = settings.login_grace_time
+        self.unauthenticated = 0
+        self._rng = rng
+        self._clock = clock
+
+    def admit(self, source: str) -> str | None:
+        """Why a new connection from `source` is dropped, or None: then it counts as
+        unauthenticated until `settled()`."""
+        remaining = self.penalties.refused_for(source, self._clock())
+        if remaining:
+            return f"penalty remaining={remaining:.0f}s"
+        start, rate, full = self.startups.start, self.startups.rate, self.startups.full
+        if should_drop(self.unauthenticated, start, rate, full, self._rng()):
+            return f"max_startups unauthenticated={self.unauthenticated}"
+        self.unauthenticated += 1
+        return None
+
+    def settled(self) -> None:
+        """An admitted connection authenticated or went away."""
+        self.unauthenticated -= 1
+
+    def failed(self, source: str) -> bool:
+        """A connection from `source` ended without authenticating after a refused key;
+        True when that starts a penalty."""
+        return self.penalties.failure(source, self._clock())
+
 
 def connection_id() -> str:
     """Short, unique within this front process, and unguessable across restarts."""
@@ -28,16 +126,36 @@ def connection_id() -> str:
 
 
 class GatewayServer(asyncssh.SSHServer):
-    def __init__(self, store: Store, context: dict[str, object]) -> None:
+    def __init__(self, store: Store, context: dict[str, Any], limits: PreAuthLimits) -> None:
         self.store = store
         self.context = context
+        self.limits = limits
         self.id = connection_id()
         self.app = ""
+        self.source = "?"
         self._conn: asyncssh.SSHServerConnection | None = None
+        self._key = "?"
+        self._pending = False  # admitted, not yet authenticated: counts in limits
+        self._dropped = False
+        self._failures = 0
+        self._closing = False  # max_auth_tries reached: nothing more is accepted
+        self._looks: dict[str, int] = {}  # accepted "app key" -> times validated
+        self._sessions = 0
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
+        self.source = str(peer[0])
+        refusal = self.limits.admit(self.source)
+        if refusal is not None:
+            # Before asyncssh sends its banner: nothing more is spent on it.
+            self._dropped = True
+            log.info(
+                "connection refused conn=%s source=%s reason=%s", self.id, self.source, refusal
+            )
+            conn.abort()
+            return
+        self._pending = True
         sock = conn.get_extra_info("socket")
         if sock is not None and hasattr(socket, "TCP_QUICKACK"):
             # OpenSSH leaves Nagle on for non-PTY sessions; with our delayed ACK that
@@ -47,8 +165,29 @@ class GatewayServer(asyncssh.SSHServer):
         log.info("connection opened conn=%s peer=%s:%s", self.id, peer[0], peer[1])
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._dropped:
+            return
+        if self._pending:
+            self._pending = False
+            self.limits.settled()
+            if isinstance(exc, asyncssh.ConnectionLost) and exc.reason == LOGIN_TIMEOUT:
+                log.info(
+                    "connection refused conn=%s app=%s source=%s reason=login_grace_time "
+                    "grace=%ds",
+                    self.id, shown(self.app or "-"), self.source, self.limits.login_grace_time,
+                )  # fmt: skip
+            if self._failures and self.limits.failed(self.source):
+                log.info(
+                    "source penalized source=%s penalty_failures=%d penalty_time=%ds",
+                    self.source,
+                    self.limits.penalties.failures,
+                    self.limits.penalties.window,
+                )
         reason = f" reason={exc}" if exc else ""
-        log.info("connection closed conn=%s app=%s%s", self.id, self.app or "-", reason)
+        log.info(
+            "connection closed conn=%s app=%s source=%s%s",
+            self.id, shown(self.app or "-"), self.source, reason,
+        )  # fmt: skip
 
     def begin_auth(self, username: str) -> bool:
         self.app = username
@@ -65,25 +204,82 @@ class GatewayServer(asyncssh.SSHServer):
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         fingerprint = key.get_fingerprint("sha256")
-        accepted = self.store.has_key(username, fingerprint)
-        if not accepted:
-            log.info("key refused conn=%s app=%s key=%s", self.id, username, fingerprint)
-        else:
+        if self.store.has_key(username, fingerprint):
+            # asyncssh asks once for a key query and once more for its signature, which
+            # it checks after us: a third ask means a signature failed.
+            seen = f"{username} {fingerprint}"
+            looks = self._looks[seen] = self._looks.get(seen, 0) + 1
+            if looks > 2:
+                self._failed(username, fingerprint, "bad signature")
             self._key = fingerprint
-        return accepted
+            return not self._closing
+        self._failed(username, fingerprint, "key refused")
+        return False
+
+    def _failed(self, username: str, fingerprint: str, what: str) -> None:
+        """One failed attempt; past max_auth_tries the connection is closed."""
+        self._failures += 1
+        log.info(
+            "%s conn=%s app=%s key=%s source=%s failures=%d",
+            what, self.id, shown(username), fingerprint, self.source, self._failures,
+        )  # fmt: skip
+        limit = self.limits.max_auth_tries
+        if limit and self._failures >= limit and self._conn is not None and not self._closing:
+            self._closing = True
+            log.info(
+                "connection refused conn=%s app=%s source=%s reason=max_auth_tries failures=%d",
+                self.id, shown(username), self.source, self._failures,
+            )  # fmt: skip
+            self._conn.disconnect(
+                asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures"
+            )
 
     def auth_completed(self) -> None:
+        if self._pending:
+            self._pending = False
+            self.limits.settled()
         log.info(
-            "auth accepted conn=%s app=%s key=%s", self.id, self.app, getattr(self, "_key", "?")
-        )
+            "auth accepted conn=%s app=%s key=%s source=%s",
+            self.id, self.app, self._key, self.source,
+        )  # fmt: skip
 
     def session_requested(self) -> tuple[asyncssh.SSHServerChannel, DynoSession]:
         assert self._conn is not None
+        limit = self.limits.max_sessions
+        if limit and self._sessions >= limit:
+            log.info(
+                "session refused conn=%s app=%s source=%s reason=max_sessions sessions=%d",
+                self.id, self.app, self.source, self._sessions,
+            )  # fmt: skip
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"at most {limit} sessions per connection",
+            )
         channel = adopt(self._conn.create_server_channel(encoding=None))
         context = SessionContext(
             app=self.app,
             connection=self.id,
             store=self.store,
-            **self.context,  # type: ignore[arg-type]
+            **self.context,
         )
-        return channel, DynoSession(context)
+        self._sessions += 1
+        return channel, _CountedSession(context, self._session_ended)
+
+    def _session_ended(self) -> None:
+        self._sessions -= 1
+
+
+class _CountedSession(DynoSession):
+    """A DynoSession that tells its connection when it ends (for max_sessions)."""
+
+    def __init__(self, context: SessionContext, ended: Callable[[], None]) -> None:
+        super().__init__(context)
+        self._ended: Callable[[], None] | None = ended
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            if self._ended is not None:
+                self._ended()
+                self._ended = None
