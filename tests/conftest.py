@@ -50,6 +50,7 @@ class Gateway:
     client_key: Path
     rendezvous_port: int = field(default_factory=lambda: free_port())
     api_port: int = field(default_factory=lambda: free_port())
+    metrics_port: int = field(default_factory=lambda: free_port())
     extra_config: str = ""  # appended to the [dynos] table
     ssh_config: str = ""  # appended to the [ssh] table
     rendezvous_config: str = ""  # appended to the [rendezvous] table
@@ -70,6 +71,7 @@ class Gateway:
             f'[ssh]\nlisten = "127.0.0.1:{self.port}"\n{self.ssh_config}'
             f'[rendezvous]\nlisten = "127.0.0.1:{self.rendezvous_port}"\n{self.rendezvous_config}'
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{self.metrics_port}"\n'
             f'[dynos]\nsandbox = "process"\n{self.extra_config}'
         )
 

@@ -21,7 +21,9 @@ import asyncssh
 import pytest
 
 from gateway.config import SSHSettings
+from gateway.front.observe import Observer
 from gateway.front.ssh import GatewayServer, PreAuthLimits
+from gateway.store import Store
 from tests.conftest import Gateway, _client_key, wait_until
 from tests.test_backpressure import gateway_pids, rss_bytes
 
@@ -368,15 +370,8 @@ def test_ssh_audit_finds_no_failure(own_gateway: Gateway) -> None:
     assert "(key) ssh-ed25519" in result.stdout and "(key) rsa-sha2-512" in result.stdout
 
 
-# -- the front's bookkeeping, with fakes (no sockets) ---------------------------------------
-
-
-class _FakeStore:
-    def __init__(self, keys: set[tuple[str, str]]) -> None:
-        self.keys = keys
-
-    def has_key(self, app: str, fingerprint: str) -> bool:
-        return (app, fingerprint) in self.keys
+# -- the front's bookkeeping, without sockets: a real store and audit trail, and a stand-in
+# for asyncssh's connection object (not ours) ----------------------------------------------
 
 
 class _FakeConn:
@@ -406,16 +401,21 @@ Connect = Callable[..., tuple[GatewayServer, _FakeConn]]
 
 
 def _front(
-    settings: dict[str, Any], keys: set[tuple[str, str]] | None = None
+    tmp_path: Path, settings: dict[str, Any], keys: set[tuple[str, str]] | None = None
 ) -> tuple[PreAuthLimits, _Clock, Connect]:
     """Pre-auth limits with a fake clock (a fixed draw of 0.5), and a way to make
-    GatewayServers that see fake connections from a source."""
+    GatewayServers that see stand-in connections from a source."""
     clock = _Clock()
     limits = PreAuthLimits(SSHSettings(**settings), rng=lambda: 0.5, clock=clock)
-    store = _FakeStore(keys or set())
+    store = Store(tmp_path / "state.db")
+    for app, fingerprint in keys or set():
+        if store.get_app(app) is None:
+            store.create_app(app)
+        store.add_key(app, fingerprint, "ssh-ed25519 AAAA", "")
+    context = {"observer": Observer(tmp_path / "audit.jsonl")}
 
     def connect(source: str = "192.0.2.7") -> tuple[GatewayServer, _FakeConn]:
-        server = GatewayServer(store, {}, limits)  # type: ignore[arg-type]
+        server = GatewayServer(store, context, limits)
         conn = _FakeConn(source)
         server.connection_made(conn)  # type: ignore[arg-type]
         return server, conn
@@ -427,8 +427,8 @@ _GOOD, _BAD = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
 _GOOD_FP = _GOOD.get_fingerprint("sha256")
 
 
-def test_each_refused_key_is_one_failure_and_the_limit_disconnects_once() -> None:
-    _, _, connect = _front({"max_auth_tries": 3}, {("app", _GOOD_FP)})
+def test_each_refused_key_is_one_failure_and_the_limit_disconnects_once(tmp_path: Path) -> None:
+    _, _, connect = _front(tmp_path, {"max_auth_tries": 3}, {("app", _GOOD_FP)})
     server, conn = connect()
     server.begin_auth("app")
     for _ in range(2):
@@ -442,8 +442,8 @@ def test_each_refused_key_is_one_failure_and_the_limit_disconnects_once() -> Non
     assert len(conn.disconnects) == 1
 
 
-def test_a_key_query_and_its_signature_are_not_failures() -> None:
-    _, _, connect = _front({"max_auth_tries": 2}, {("app", _GOOD_FP)})
+def test_a_key_query_and_its_signature_are_not_failures(tmp_path: Path) -> None:
+    _, _, connect = _front(tmp_path, {"max_auth_tries": 2}, {("app", _GOOD_FP)})
     server, conn = connect()
     assert server.validate_public_key("app", _GOOD)  # the query
     assert server.validate_public_key("app", _GOOD)  # the signature
@@ -453,8 +453,9 @@ def test_a_key_query_and_its_signature_are_not_failures() -> None:
     assert server._failures == 1 and not conn.disconnects
 
 
-def test_unauthenticated_count_and_penalty_bookkeeping() -> None:
+def test_unauthenticated_count_and_penalty_bookkeeping(tmp_path: Path) -> None:
     limits, clock, connect = _front(
+        tmp_path,
         {"max_startups": "2:100:2", "penalty_failures": 2, "penalty_time": 60},
         {("app", _GOOD_FP)},
     )

@@ -218,7 +218,7 @@ class PlatformAPI:
             assert dyno is not None
             attach_url = None
             if create.attach:
-                pending = PendingAttach(app.name, dyno.name, link, pty)
+                pending = PendingAttach(app.name, dyno.name, link, pty, dyno.size, dyno.command)
                 secret = self.rendezvous.add(pending)
                 keep_link = True
                 attach_url = f"rendezvous://{self.attach_host}:{self.attach_port}/{secret}"

@@ -46,6 +46,16 @@ class Attachment:
     def started(self) -> bool:
         return self._input is not None
 
+    @property
+    def bytes_in(self) -> int:
+        """Bytes from the client to the dyno."""
+        return self._input.bytes if self._input is not None else 0
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes from the dyno to the client."""
+        return sum(pump.bytes for pump in self._outputs)
+
     # -- client -> dyno ----------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:

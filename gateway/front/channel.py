@@ -1,11 +1,17 @@
-"""A server channel that grants the client window only for data the dyno has taken.
+"""A server channel that grants the client window only for data the dyno has taken, and
+sends what one write makes in one transport write.
 
-asyncssh 2.24 sends a window adjust in `_deliver_data` as if nothing were waiting in its
-receive buffer: after `pause_reading()`, the next resume grants a full new window while up
-to a window's worth is still buffered, and whatever sits above asyncssh (a pipe writer
-without backpressure) can make that grow without bound (measured: 266 MB held for a
-200 MB upload). Here buffered bytes count as still outstanding, so what the client may
+Window: asyncssh 2.24 sends a window adjust in `_deliver_data` as if nothing were waiting
+in its receive buffer: after `pause_reading()`, the next resume grants a full new window
+while up to a window's worth is still buffered, and whatever sits above asyncssh (a pipe
+writer without backpressure) can make that grow without bound (measured: 266 MB held for
+a 200 MB upload). Here buffered bytes count as still outstanding, so what the client may
 send plus what we hold never exceeds one window. tests/test_backpressure.py measures it.
+
+Batching: asyncssh writes every packet to the transport on its own (and puts an ignore
+packet before each), so a 1 MB read of dyno output became 64 socket sends, each waking
+the client. Here the packets of one flush of the send buffer are joined into one write:
+the client's CPU per GB halves (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -13,6 +19,21 @@ from __future__ import annotations
 from typing import Any
 
 import asyncssh
+
+
+class _Collector:
+    """Stands in for the transport while a flush runs: keeps what asyncssh writes, and
+    passes anything else (close, abort, extra info) to the real transport."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 class FlowControlledChannel(asyncssh.SSHServerChannel):
@@ -24,6 +45,29 @@ class FlowControlledChannel(asyncssh.SSHServerChannel):
             super()._deliver_data(data, datatype)
         finally:
             self._recv_window -= buffered
+
+    def _flush_send_buf(self) -> None:
+        # Every send path (write, window adjust, EOF, close) flushes through here. The
+        # flush is synchronous, so nothing else writes to the connection meanwhile and
+        # the joined bytes keep their order.
+        conn = self._conn
+        transport = getattr(conn, "_transport", None)
+        if transport is None or isinstance(transport, _Collector):
+            super()._flush_send_buf()
+            return
+        collector = _Collector(transport)
+        conn._transport = collector  # type: ignore[union-attr]
+        try:
+            super()._flush_send_buf()
+        finally:
+            # Unless the connection was torn down meanwhile (it then dropped its transport).
+            if conn._transport is collector:  # type: ignore[union-attr]
+                conn._transport = transport  # type: ignore[union-attr]
+                if collector.parts:
+                    try:
+                        transport.write(b"".join(collector.parts))
+                    except ConnectionError:
+                        pass  # as asyncssh's own _send does: the connection is going away
 
 
 def adopt(channel: asyncssh.SSHServerChannel) -> FlowControlledChannel:

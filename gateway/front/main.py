@@ -12,6 +12,7 @@ import asyncssh
 
 from gateway.config import Config, split_listen
 from gateway.front.api import PlatformAPI
+from gateway.front.observe import Observer, serve_metrics
 from gateway.front.rendezvous import Rendezvous, RendezvousProtocol
 from gateway.front.sessions import ActiveSessions
 from gateway.front.ssh import ALGORITHMS, GatewayServer, PreAuthLimits, load_host_keys
@@ -30,8 +31,10 @@ async def serve(
     store = Store(config.db_path)
     host, port = config.ssh.host_port
     sessions = ActiveSessions()
+    observer = Observer(config.audit_path)
     context = {
         "sessions": sessions,
+        "observer": observer,
         "manager_socket": config.manager_socket,
         "banner": config.dynos.banner,
         "idle_timeout": config.dynos.idle_timeout,
@@ -55,7 +58,10 @@ async def serve(
         reuse_address=True,
     )
     log.info("SSH listening on %s:%d", host, port)
-    servers = [server, *await _heroku_listeners(config, store, sessions)]
+    servers = [server, *await _heroku_listeners(config, store, sessions, observer)]
+    if config.metrics.listen:
+        m_host, m_port = split_listen(config.metrics.listen)
+        servers.append(await serve_metrics(m_host, m_port, config.manager_socket))
     if ready_fd is not None:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
@@ -77,12 +83,14 @@ async def serve(
 
 
 async def _heroku_listeners(
-    config: Config, store: Store, sessions: ActiveSessions
+    config: Config, store: Store, sessions: ActiveSessions, observer: Observer
 ) -> list[asyncio.AbstractServer]:
     """The rendezvous port (TLS) and the Platform API the heroku CLI talks to."""
     if not config.rendezvous.listen or not config.api.listen:
         return []
-    rendezvous = Rendezvous(config.rendezvous.attach_timeout, config.dynos.idle_timeout, sessions)
+    rendezvous = Rendezvous(
+        config.rendezvous.attach_timeout, config.dynos.idle_timeout, sessions, observer
+    )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(config.keys_dir / SERVER_CERT, config.keys_dir / SERVER_KEY)

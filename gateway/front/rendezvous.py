@@ -21,6 +21,7 @@ from gateway.core.messages import Pty
 from gateway.core.rendezvous import GREETING, BadHandshake, exit_marker, read_secret
 from gateway.front.attachment import Attachment, Client
 from gateway.front.link import ManagerLink
+from gateway.front.observe import Observer, SessionTrace
 from gateway.front.sessions import ActiveSessions
 
 log = logging.getLogger("gateway.front")
@@ -34,16 +35,21 @@ class PendingAttach:
     dyno: str
     link: ManagerLink
     pty: Pty | None
+    size: str = ""
+    command: str = ""
     expiry: asyncio.TimerHandle | None = None
 
 
 class Rendezvous:
     """The dynos waiting for their client, by a hash of their secret."""
 
-    def __init__(self, attach_timeout: int, idle_timeout: int, sessions: ActiveSessions) -> None:
+    def __init__(
+        self, attach_timeout: int, idle_timeout: int, sessions: ActiveSessions, observer: Observer
+    ) -> None:
         self.attach_timeout = attach_timeout
         self.idle_timeout = idle_timeout
         self.sessions = sessions
+        self.observer = observer
         self._pending: dict[str, PendingAttach] = {}
 
     def add(self, pending: PendingAttach) -> str:
@@ -88,6 +94,7 @@ class RendezvousProtocol(asyncio.Protocol):
         self._pending: PendingAttach | None = None
         self._task: asyncio.Task[None] | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._trace: SessionTrace | None = None
         self.where = "rendezvous"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -179,12 +186,17 @@ class RendezvousProtocol(asyncio.Protocol):
         log.info("rendezvous attached %s pty=%s", self.where, pending.pty is not None)
         attachment.start(fds, pty=pending.pty is not None)
         self.rendezvous.sessions.add(self)
+        self._trace = self.rendezvous.observer.session(
+            "rendezvous", pending.app, pending.dyno, pending.size, pending.command,
+            pending.pty is not None, "rendezvous",
+        )  # fmt: skip
         exited = await pending.link.receive()
         await attachment.drained()
         if exited is None or exited[0]["type"] != "exited":
             transport.close()
             return
         exit = Exit(status=exited[0].get("status"), signal=exited[0].get("signal"))
+        self._trace.exit_status, self._trace.exit_signal = exit.status, exit.signal
         log.info("rendezvous ended %s status=%s", self.where, exit.shell_status)
         transport.write(exit_marker(exit.shell_status))
         transport.close()
@@ -211,6 +223,8 @@ class RendezvousProtocol(asyncio.Protocol):
     def _close(self) -> None:
         self.rendezvous.sessions.discard(self)
         if self._attachment is not None:
+            if self._trace is not None:
+                self._trace.ended(self._attachment.bytes_in, self._attachment.bytes_out)
             self._attachment.close()
         if self._pending is not None:
             self._pending.link.close()

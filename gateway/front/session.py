@@ -22,6 +22,7 @@ from gateway.core.messages import SIGNALS, Pty
 from gateway.core.prelimits import filter_env
 from gateway.front.attachment import Attachment, Client
 from gateway.front.link import ManagerLink, ManagerUnavailable
+from gateway.front.observe import Observer, SessionTrace
 from gateway.front.reserved import ReservedCommand
 from gateway.front.sessions import ActiveSessions
 from gateway.store import Store
@@ -38,6 +39,7 @@ class SessionContext:
     idle_timeout: int
     store: Store
     sessions: ActiveSessions
+    observer: Observer
     # Client `env` requests that reach the dyno ([ssh] accept_env); none when empty.
     accept_env: tuple[str, ...] = ()
 
@@ -52,6 +54,7 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._task: asyncio.Task[None] | None = None
         self._link: ManagerLink | None = None
         self._attachment: Attachment | None = None
+        self._trace: SessionTrace | None = None
         self._reserved: commands.Reserved | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -204,6 +207,10 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             chan.write_stderr(f"Running `{shown}` attached to terminal... up, {dyno}\r\n".encode())
         attachment.start(fds, pty=self._pty is not None)
         self.context.sessions.add(self)
+        self._trace = self.context.observer.session(
+            self.context.connection, self.context.app, dyno, str(message.get("size", "")),
+            command, self._pty is not None, "ssh",
+        )  # fmt: skip
         exited = await link.receive()
         await attachment.drained()
         if exited is None or exited[0]["type"] != "exited":
@@ -212,6 +219,7 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             return
         status, signame = exited[0].get("status"), exited[0].get("signal")
         log.info("session ended %s status=%s signal=%s", self.where, status, signame)
+        self._trace.exit_status, self._trace.exit_signal = status, signame
         if signame:
             chan.exit_with_signal(str(signame))
         else:
@@ -280,6 +288,8 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         """Release everything; closing the link is what tells the manager we are gone."""
         self.context.sessions.discard(self)
         if self._attachment is not None:
+            if self._trace is not None:
+                self._trace.ended(self._attachment.bytes_in, self._attachment.bytes_out)
             self._attachment.close()
         if self._link is not None:
             self._link.close()

@@ -24,6 +24,7 @@ import asyncssh
 from gateway.config import SSHSettings
 from gateway.core.prelimits import PenaltyBox, Startups, should_drop
 from gateway.front.channel import adopt
+from gateway.front.observe import Observer
 from gateway.front.session import DynoSession, SessionContext
 from gateway.store import Store
 
@@ -141,6 +142,7 @@ class GatewayServer(asyncssh.SSHServer):
         self._closing = False  # max_auth_tries reached: nothing more is accepted
         self._looks: dict[str, int] = {}  # accepted "app key" -> times validated
         self._sessions = 0
+        self.observer: Observer = context["observer"]
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -153,6 +155,7 @@ class GatewayServer(asyncssh.SSHServer):
             log.info(
                 "connection refused conn=%s source=%s reason=%s", self.id, self.source, refusal
             )
+            self.observer.refused(self.id, self.source, refusal)
             conn.abort()
             return
         self._pending = True
@@ -163,6 +166,7 @@ class GatewayServer(asyncssh.SSHServer):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         log.info("connection opened conn=%s peer=%s:%s", self.id, peer[0], peer[1])
+        self.observer.connected(self.id, self.source)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._dropped:
@@ -176,6 +180,7 @@ class GatewayServer(asyncssh.SSHServer):
                     "grace=%ds",
                     self.id, shown(self.app or "-"), self.source, self.limits.login_grace_time,
                 )  # fmt: skip
+                self.observer.refused(self.id, self.source, "login_grace_time")
             if self._failures and self.limits.failed(self.source):
                 log.info(
                     "source penalized source=%s penalty_failures=%d penalty_time=%ds",
@@ -223,6 +228,7 @@ class GatewayServer(asyncssh.SSHServer):
             "%s conn=%s app=%s key=%s source=%s failures=%d",
             what, self.id, shown(username), fingerprint, self.source, self._failures,
         )  # fmt: skip
+        self.observer.authenticated(self.id, shown(username), fingerprint, self.source, False)
         limit = self.limits.max_auth_tries
         if limit and self._failures >= limit and self._conn is not None and not self._closing:
             self._closing = True
@@ -242,6 +248,7 @@ class GatewayServer(asyncssh.SSHServer):
             "auth accepted conn=%s app=%s key=%s source=%s",
             self.id, self.app, self._key, self.source,
         )  # fmt: skip
+        self.observer.authenticated(self.id, self.app, self._key, self.source, True)
 
     def session_requested(self) -> tuple[asyncssh.SSHServerChannel, DynoSession]:
         assert self._conn is not None

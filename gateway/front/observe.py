@@ -1,0 +1,144 @@
+"""What the front tells operators: the audit trail's connection, authentication and
+session events, and Prometheus metrics, served at /metrics with the manager's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import h11
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from gateway.audit import AuditLog
+from gateway.front.link import ManagerLink, ManagerUnavailable
+
+log = logging.getLogger("gateway.front")
+
+REGISTRY = CollectorRegistry()
+CONNECTIONS = Counter(
+    "gateway_connections", "SSH connections, by outcome (admitted, refused)", ["outcome"],
+    registry=REGISTRY,
+)  # fmt: skip
+AUTHS = Counter("gateway_auth", "Authentication results", ["result"], registry=REGISTRY)
+SESSIONS = Gauge(
+    "gateway_sessions_attached", "Attached sessions now", ["app", "size"], registry=REGISTRY
+)
+SESSIONS_TOTAL = Counter(
+    "gateway_sessions", "Attached sessions started", ["app", "size", "via"], registry=REGISTRY
+)
+BYTES = Counter(
+    "gateway_session_bytes", "Bytes moved between clients and dynos", ["direction"],
+    registry=REGISTRY,
+)  # fmt: skip
+
+
+class Observer:
+    """One per front process: the audit trail and the metrics, behind plain calls."""
+
+    def __init__(self, audit_path: Path) -> None:
+        self.audit = AuditLog(audit_path)
+
+    def connected(self, conn: str, source: str) -> None:
+        CONNECTIONS.labels("admitted").inc()
+        self.audit.event("connect", conn=conn, source=source)
+
+    def refused(self, conn: str, source: str, reason: str) -> None:
+        CONNECTIONS.labels("refused").inc()
+        self.audit.event("connect_refused", conn=conn, source=source, reason=reason)
+
+    def authenticated(self, conn: str, app: str, key: str, source: str, accepted: bool) -> None:
+        result = "accepted" if accepted else "refused"
+        AUTHS.labels(result).inc()
+        self.audit.event("auth", conn=conn, app=app, key=key, source=source, result=result)
+
+    def session(
+        self, conn: str, app: str, dyno: str, size: str, command: str | None, tty: bool, via: str
+    ) -> SessionTrace:
+        SESSIONS_TOTAL.labels(app, size, via).inc()
+        SESSIONS.labels(app, size).inc()
+        self.audit.event(
+            "session_start", conn=conn, app=app, dyno=dyno, size=size, command=command,
+            terminal=tty, via=via,
+        )  # fmt: skip
+        return SessionTrace(self, conn, app, dyno, size)
+
+
+class SessionTrace:
+    """An attached session from start to end, for its closing audit event."""
+
+    def __init__(self, observer: Observer, conn: str, app: str, dyno: str, size: str) -> None:
+        self.observer = observer
+        self.conn, self.app, self.dyno, self.size = conn, app, dyno, size
+        self.started = time.monotonic()
+        self.exit_status: int | None = None
+        self.exit_signal: str | None = None
+        self._ended = False
+
+    def ended(self, bytes_in: int, bytes_out: int) -> None:
+        """Once, whichever way the session ended (exit, disconnect, idle, shutdown)."""
+        if self._ended:
+            return
+        self._ended = True
+        SESSIONS.labels(self.app, self.size).dec()
+        BYTES.labels("in").inc(bytes_in)
+        BYTES.labels("out").inc(bytes_out)
+        self.observer.audit.event(
+            "session_end", conn=self.conn, app=self.app, dyno=self.dyno,
+            exit_status=self.exit_status, exit_signal=self.exit_signal,
+            disconnected=self.exit_status is None and self.exit_signal is None,
+            bytes_in=bytes_in, bytes_out=bytes_out,
+            duration=round(time.monotonic() - self.started, 3),
+        )  # fmt: skip
+
+
+async def metrics_text(manager_socket: Path) -> bytes:
+    """The front's metrics and the manager's, as one Prometheus text exposition."""
+    text = generate_latest(REGISTRY)
+    with contextlib.suppress(ManagerUnavailable, OSError):
+        link = await ManagerLink.open(manager_socket)
+        try:
+            await link.send("metrics")
+            lines: list[str] = []
+            while (reply := await link.receive()) is not None and reply[0]["type"] == "metrics":
+                lines.extend(reply[0]["lines"])
+        finally:
+            link.close()
+        text += ("\n".join(lines) + "\n").encode() if lines else b""
+    return text
+
+
+async def serve_metrics(host: str, port: int, manager_socket: Path) -> asyncio.AbstractServer:
+    """GET /metrics on its own (loopback) port; anything else is 404."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            async with asyncio.timeout(10):
+                while (event := conn.next_event()) is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(4096))
+            if not isinstance(event, h11.Request):
+                return
+            found = event.method == b"GET" and event.target.split(b"?")[0] == b"/metrics"
+            body = await metrics_text(manager_socket) if found else b"not found\n"
+            headers = [
+                ("content-type", "text/plain; version=0.0.4; charset=utf-8"),
+                ("content-length", str(len(body))),
+                ("connection", "close"),
+            ]
+            writer.write(
+                conn.send(h11.Response(status_code=200 if found else 404, headers=headers))
+            )
+            writer.write(conn.send(h11.Data(data=body)))
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+        except (TimeoutError, ConnectionError, h11.ProtocolError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port, reuse_address=True)
+    log.info("metrics on %s:%d", host, port)
+    return server

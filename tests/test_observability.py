@@ -1,0 +1,77 @@
+"""What an operator sees: the audit trail and the Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Gateway, wait_until
+
+
+def _audit(gateway: Gateway) -> list[dict[str, object]]:
+    path = gateway.state_dir / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _fingerprint(gateway: Gateway) -> str:
+    out = subprocess.run(
+        ["ssh-keygen", "-lf", f"{gateway.client_key}.pub"], capture_output=True, text=True
+    )
+    return out.stdout.split()[1]
+
+
+def test_the_audit_trail_holds_a_sessions_events(gateway: Gateway) -> None:
+    app = gateway.new_app()
+    assert gateway.ssh(app, "cat; exit 5", input=b"12345").returncode == 5
+
+    def session_ended() -> list[dict[str, object]]:
+        return [e for e in _audit(gateway) if e["event"] == "session_end" and e.get("app") == app]
+
+    assert wait_until(session_ended, 5)
+    events = [e for e in _audit(gateway) if e.get("app") == app or e["event"] == "connect"]
+    end = session_ended()[0]
+    conn = end["conn"]
+    kinds = [e["event"] for e in events if e.get("conn") == conn]
+    assert kinds == ["connect", "auth", "session_start", "session_end"]
+    auth = next(e for e in events if e["event"] == "auth" and e["conn"] == conn)
+    assert auth["key"] == _fingerprint(gateway) and auth["result"] == "accepted"
+    assert auth["source"] == "127.0.0.1"
+    start = next(e for e in events if e["event"] == "session_start" and e["conn"] == conn)
+    assert start["command"] == "cat; exit 5" and start["terminal"] is False
+    assert end["exit_status"] == 5 and end["bytes_in"] == 5 and end["bytes_out"] == 5
+    assert isinstance(end["duration"], float)
+    admin = [e["event"] for e in _audit(gateway) if e.get("app") == app and "by" in e]
+    assert admin[:3] == ["app_created", "key_added", "release_created"]
+    assert "12345" not in (gateway.state_dir / "audit.jsonl").read_text()  # no content
+
+
+def test_metrics_parse_and_count_a_session(gateway: Gateway) -> None:
+    app = gateway.new_app()
+
+    def scrape() -> dict[str, float]:
+        url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.labels.get("app", app) == app:
+                    key = sample.name + json.dumps(sample.labels, sort_keys=True)
+                    values[key] = sample.value
+        return values
+
+    before = scrape()
+    assert gateway.ssh(app, "echo counted").stdout == b"counted\n"
+    after = scrape()
+    label = json.dumps({"app": app, "size": "standard-1x", "via": "ssh"}, sort_keys=True)
+    assert after[f"gateway_sessions_total{label}"] == 1
+    starts = json.dumps({"app": app, "size": "standard-1x"}, sort_keys=True)
+    assert after[f"gateway_dyno_starts_total{starts}"] == 1
+    ended = json.dumps({"app": app, "result": "exited", "size": "standard-1x"}, sort_keys=True)
+    assert wait_until(lambda: scrape().get(f"gateway_dyno_ends_total{ended}") == 1, 5)
+    admitted = 'gateway_connections_total{"outcome": "admitted"}'
+    assert after[admitted] >= before.get(admitted, 0) + 1
+    assert after["gateway_dyno_start_seconds_count{}"] >= 1
