@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ from tests.conftest import Gateway, _gateway, make_slug
 
 
 @pytest.fixture
-def gw(tmp_path: Path) -> Gateway:
-    return _gateway(tmp_path / "gw")
+def gw(tmp_path: Path) -> Iterator[Gateway]:
+    gateway = _gateway(tmp_path / "gw")
+    yield gateway
+    gateway.stop()
 
 
 def test_apps_create_and_list(gw: Gateway) -> None:

@@ -64,6 +64,7 @@ class Heroku:
             "NODE_EXTRA_CA_CERTS": str(self.gateway.root / "keys" / "rendezvous-ca.pem"),
             "DISABLE_TELEMETRY": "true",
             "HEROKU_SKIP_ANALYTICS": "1",
+            "HEROKU_DISABLE_AUTOUPDATE": "1",  # else it spawns `heroku update` in the background
             "HOME": str(self.gateway.root),
         }
 

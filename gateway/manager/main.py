@@ -17,6 +17,7 @@ from collections.abc import Callable
 import trio
 
 from gateway.config import Config
+from gateway.manager.bwrap import BwrapSandbox, BwrapUnavailable
 from gateway.manager.sandbox import ProcessSandbox, Sandbox
 from gateway.manager.supervisor import Manager
 from gateway.store import Store
@@ -53,11 +54,26 @@ async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], No
 
 
 def choose_sandbox(config: Config) -> Sandbox:
-    """The sandbox `dynos.sandbox` asks for, said loudly, or SandboxUnavailable."""
-    if config.dynos.sandbox == "bwrap":
-        raise SandboxUnavailable(
-            'dynos.sandbox = "bwrap" is not available in this version; use "auto" or "process"'
-        )
+    """The sandbox `dynos.sandbox` asks for, said loudly, or SandboxUnavailable.
+
+    "bwrap" and "auto" first run a trial dyno through bubblewrap; "bwrap" refuses to
+    start with the trial's error, "auto" falls back to the process sandbox."""
+    wanted = config.dynos.sandbox
+    if wanted in ("bwrap", "auto"):
+        try:
+            bwrap = BwrapSandbox.probe(config, strict=wanted == "bwrap")
+        except BwrapUnavailable as exc:
+            if wanted == "bwrap":
+                raise SandboxUnavailable(
+                    f'dynos.sandbox = "bwrap" cannot work here: {exc}'
+                ) from None
+            log.warning("bubblewrap cannot work here, falling back: %s", exc)
+        else:
+            if bwrap.plan.notes:
+                log.warning(bwrap.describe())
+            else:
+                log.info(bwrap.describe())
+            return bwrap
     sandbox = ProcessSandbox(config.dynos_dir, config.dynos.shell)
     log.warning(sandbox.describe())
     return sandbox

@@ -116,13 +116,7 @@ class ProcessSandbox:
             await trio.to_thread.run_sync(remove_tree, workspace.root)
 
     def remove_leftovers(self) -> None:
-        """Remove the dirs of dynos that a previous manager did not see to their end."""
-        if self.dynos_dir.exists():
-            for leftover in self.dynos_dir.iterdir():
-                if leftover.is_dir() and not leftover.is_symlink():
-                    remove_tree(leftover)
-                else:
-                    leftover.unlink()
+        remove_dyno_dirs(self.dynos_dir)
 
     def shell_path(self, root: Path = Path("/")) -> str:
         """bash where the dyno has it, else sh, as `heroku run` does."""
@@ -155,3 +149,13 @@ class ProcessSandbox:
             env["TERM"] = spec.pty.term or "xterm"
             env["COLUMNS"], env["LINES"] = str(spec.pty.cols), str(spec.pty.rows)
         return env
+
+
+def remove_dyno_dirs(dynos_dir: Path) -> None:
+    """Remove the dirs of dynos that a previous manager did not see to their end."""
+    if dynos_dir.exists():
+        for leftover in dynos_dir.iterdir():
+            if leftover.is_dir() and not leftover.is_symlink():
+                remove_tree(leftover)
+            else:
+                leftover.unlink()
