@@ -16,6 +16,7 @@ the client's CPU per GB halves (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import asyncssh
@@ -63,11 +64,10 @@ class FlowControlledChannel(asyncssh.SSHServerChannel):
             # Unless the connection was torn down meanwhile (it then dropped its transport).
             if conn._transport is collector:  # type: ignore[union-attr]
                 conn._transport = transport  # type: ignore[union-attr]
+                # As asyncssh's own _send: a ConnectionError means the connection is going.
                 if collector.parts:
-                    try:
+                    with contextlib.suppress(ConnectionError):
                         transport.write(b"".join(collector.parts))
-                    except ConnectionError:
-                        pass  # as asyncssh's own _send does: the connection is going away
 
 
 def adopt(channel: asyncssh.SSHServerChannel) -> FlowControlledChannel:

@@ -15,7 +15,10 @@ import fcntl
 import os
 from collections.abc import Callable
 
-READ_SIZE = 256 * 1024
+# One read drains a full pipe (below): one channel flush, one socket write per MB. What
+# the client's window does not take yet waits in the channel, which pauses the pump past
+# its high-water mark, so a busy output holds at most about READ_SIZE plus one window.
+READ_SIZE = 1024 * 1024
 # A dyno's pipes hold 64 KB by default: a fast writer fills one between two of our reads
 # and sleeps, so each read returns 64 KB and costs both sides a wakeup. 1 MB (Linux's
 # default most for an unprivileged process) lets the writer run ahead and reads fill.

@@ -1,0 +1,184 @@
+"""Benchmark the gateway against OpenSSH's sshd, side by side, on this machine.
+
+    .venv/bin/python bench/run.py            # the full run (about 15 minutes), results
+                                             # and plots in docs/benchmarks/
+    .venv/bin/python bench/run.py --quick    # a smoke run (under a minute), bench/results/
+
+Starts sshd (a throwaway config on a loopback port) and `gateway serve` (the sample app),
+measures both, and prints the medians and the ratio gateway/sshd for each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `gateway` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import concurrency, dynostart, latency, proc, report, throughput
+from bench.rows import Row
+from bench.servers import REPO, Gateway, Server, Sshd, client_key
+from bench.util import MB, say
+
+SECTIONS = ("latency", "keystrokes", "throughput", "start", "concurrency")
+
+
+@dataclass(frozen=True)
+class Settings:
+    fresh: int = 50  # `ssh host true` runs
+    execs: int = 200  # exec channels on one connection
+    keystrokes: int = 500
+    transfer_mb: int = 1024
+    transfer_reps: int = 3
+    levels: list[int] = field(default_factory=lambda: [100, 500, 1000])
+    new_sessions: int = 30  # fresh sessions timed at each level
+    start_sizes_mb: list[int] = field(default_factory=lambda: [1, 100, 500])
+    start_reps: int = 10
+
+
+QUICK = Settings(
+    fresh=5,
+    execs=20,
+    keystrokes=50,
+    transfer_mb=64,
+    transfer_reps=1,
+    levels=[10],
+    new_sessions=4,
+    start_sizes_mb=[1, 4],
+    start_reps=2,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run, small sizes")
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--out", type=Path, help="where results go (default by mode)")
+    parser.add_argument("--transfer-mb", type=int, help="bytes per transfer, in MB")
+    parser.add_argument("--levels", help="sessions held, comma-separated (e.g. 100,500,1000)")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state)")
+    parser.add_argument(
+        "--replot", type=Path, metavar="DIR", help="redraw DIR's table and plots from its JSON"
+    )
+    parser.add_argument(
+        "--gateway-tree", type=Path, help="run the gateway package from this checkout instead"
+    )
+    return parser.parse_args(argv)
+
+
+def settings_for(args: argparse.Namespace) -> Settings:
+    settings = QUICK if args.quick else Settings()
+    if args.transfer_mb:
+        settings = replace(settings, transfer_mb=args.transfer_mb)
+    if args.levels:
+        settings = replace(settings, levels=[int(n) for n in args.levels.split(",")])
+    return settings
+
+
+def measure(
+    sections: tuple[str, ...], settings: Settings, sshd: Sshd, gateway: Gateway, work: Path
+) -> list[Row]:
+    servers: list[Server] = [sshd, gateway]
+    rows: list[Row] = []
+    if "latency" in sections:
+        say("session latency")
+        rows += latency.session_rows(servers, settings.fresh, settings.execs)
+    if "keystrokes" in sections:
+        say("keystroke echo")
+        rows += latency.keystroke_rows(servers, settings.keystrokes)
+    if "throughput" in sections:
+        say("throughput")
+        rows += throughput.rows(servers, settings.transfer_mb * MB, settings.transfer_reps)
+    if "start" in sections:
+        say("dyno start against release size")
+        rows += dynostart.rows(sshd, gateway, settings.start_sizes_mb, settings.start_reps, work)
+    if "concurrency" in sections:
+        say("concurrency (both servers restarted, for a clean baseline)")
+        for server in servers:
+            server.stop()
+            server.start()
+        rows += concurrency.rows(servers, settings.levels, settings.new_sessions)
+    return rows
+
+
+def write_results(rows: list[Row], meta: dict[str, object], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "rows": [row.to_json() for row in rows]}, indent=1) + "\n"
+    )
+    lines = [f"- {key}: {value}" for key, value in meta.items() if key != "settings"]
+    (out / "results.md").write_text("\n".join(lines) + "\n\n" + report.markdown_table(rows) + "\n")
+    sections: dict[str, list[Row]] = {}
+    for row in rows:
+        sections.setdefault(row.section, []).append(row)
+    try:
+        import matplotlib  # noqa: F401 - only to know whether plots can be drawn
+    except ImportError:
+        say("no plots: matplotlib is not installed (pip install -e '.[bench]')")
+        return
+    for section, group in sections.items():
+        report.plot(section, group, out / f"{report.slug(section)}.png")
+
+
+def replot(out: Path) -> None:
+    """Rewrite results.md and the plots of an earlier run from its results.json."""
+    data = json.loads((out / "results.json").read_text())
+    rows = [
+        Row(**{k: v for k, v in row.items() if k not in ("ratio", "met")}) for row in data["rows"]
+    ]
+    write_results(rows, data["meta"], out)
+    print(report.text_table(rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.replot:
+        replot(args.replot)
+        return 0
+    settings = settings_for(args)
+    sections = tuple(args.only or SECTIONS)
+    out = args.out or (REPO / "bench" / "results" if args.quick else REPO / "docs" / "benchmarks")
+    proc.raise_fd_limit()
+    work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    key = client_key(work)
+    sshd = Sshd(work / "sshd", key)
+    gateway = Gateway(work / "gateway", key, tree=args.gateway_tree)
+    started = time.monotonic()
+    try:
+        say(f"starting sshd and the gateway (work dir {work})")
+        sshd.start()
+        gateway.start()
+        meta: dict[str, object] = {
+            "mode": "quick" if args.quick else "full",
+            "gateway": report.tree(args.gateway_tree or REPO),
+            **report.machine(),
+            "load average at start": os.getloadavg()[0],
+            "sshd negotiated": report.negotiated(sshd.ssh_argv("true")),
+            "gateway negotiated": report.negotiated(gateway.ssh_argv("true")),
+            "settings": asdict(settings),
+        }
+        rows = measure(sections, settings, sshd, gateway, work)
+    finally:
+        for server in (sshd, gateway):
+            server.stop()
+        (work / "gateway.log").write_text("\n".join(gateway.log) + "\n")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    meta["load average at end"] = os.getloadavg()[0]
+    meta["duration_s"] = round(time.monotonic() - started)
+    write_results(rows, meta, out)
+    print(report.text_table(rows))
+    say(f"results in {out} ({meta['duration_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

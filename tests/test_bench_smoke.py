@@ -1,0 +1,39 @@
+"""bench/run.py --quick runs both servers end to end and prints a ratio for every row."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SSHD = Path("/usr/sbin/sshd")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not SSHD.exists(), reason="needs OpenSSH's sshd (Debian: openssh-server)")
+def test_quick_bench_prints_a_ratio_per_row(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable, str(REPO / "bench" / "run.py"), "--quick",
+            "--transfer-mb", "8", "--levels", "5", "--out", str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    sections = {row["section"] for row in rows}
+    assert sections == {
+        "session latency", "keystroke echo", "throughput", "dyno start", "concurrency",
+    }  # fmt: skip
+    table = [line for line in result.stdout.splitlines() if line.startswith(tuple(sections))]
+    assert len(table) == len(rows)
+    for line in table:
+        # A ratio, or the note that one server does not offer that cipher.
+        assert re.search(r"\s\d+\.\d\dx(\s|$)|not offered by", line), f"no ratio in: {line}"
