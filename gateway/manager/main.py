@@ -94,6 +94,10 @@ class Front:
         ready_r, ready_w = os.pipe()
         lifeline_r, lifeline_w = os.pipe()
         env = dict(os.environ, GATEWAY_READY_FD=str(ready_w), GATEWAY_LIFELINE_FD=str(lifeline_r))
+        # glibc: keep freed memory instead of returning it at once; bulk transfers
+        # otherwise fault in fresh pages for every MB they move (docs/benchmarks.md).
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(16 * 1024 * 1024))
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 * 1024 * 1024))
         try:
             front = await trio.lowlevel.open_process(
                 self.argv, pass_fds=(ready_w, lifeline_r), env=env
