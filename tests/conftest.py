@@ -205,6 +205,12 @@ def own_gateway(tmp_path: Path) -> Iterator[Gateway]:
     gw.stop()
 
 
+def pids_with(marker: str, client: subprocess.Popen[bytes] | None = None) -> list[int]:
+    """Processes whose command line holds `marker`, other than the ssh client itself."""
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split() if client is None or int(pid) != client.pid]
+
+
 def wait_until(predicate: object, timeout: float, interval: float = 0.05) -> bool:
     """For tests only: poll `predicate` until true or `timeout` seconds pass."""
     deadline = time.monotonic() + timeout

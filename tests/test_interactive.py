@@ -20,7 +20,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from tests.conftest import Gateway, wait_until
+from tests.conftest import Gateway, pids_with, wait_until
 
 
 class Terminal:
@@ -106,12 +106,6 @@ def test_shell_on_a_terminal(gateway: Gateway, tmp_path: Path, terminal: list[Te
     term.wait_for("EXIT=7")
 
 
-def _pids_with(marker: str, client: subprocess.Popen[bytes] | None = None) -> list[int]:
-    """Processes whose command line holds `marker`, other than the ssh client itself."""
-    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split() if client is None or int(pid) != client.pid]
-
-
 @pytest.mark.parametrize("tty", [False, True], ids=["pipes", "pty"])
 def test_killing_the_client_ends_the_dyno(gateway: Gateway, tty: bool) -> None:
     app = gateway.new_app()
@@ -122,10 +116,10 @@ def test_killing_the_client_ends_the_dyno(gateway: Gateway, tty: bool) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    assert wait_until(lambda: _pids_with(marker, client), 10)
+    assert wait_until(lambda: pids_with(marker, client), 10)
     client.kill()
     client.wait()
-    assert wait_until(lambda: not _pids_with(marker), 2), "the dyno outlived its client"
+    assert wait_until(lambda: not pids_with(marker), 2), "the dyno outlived its client"
     dynos = gateway.state_dir / "dynos"
     assert wait_until(lambda: not any(p.name.startswith(app + ".") for p in dynos.glob("*")), 5)
     logs = gateway.cli("logs", app, "-p", "run.1").stdout
@@ -188,7 +182,7 @@ def test_idle_sessions_are_cut_and_busy_ones_are_not(short_gateway: Gateway) -> 
     err = idle.stderr.read()
     idle.stdin.close()
     assert b"no input or output for 2 s, closing the session" in err
-    assert wait_until(lambda: not _pids_with(marker), 2)
+    assert wait_until(lambda: not pids_with(marker), 2)
     busy = gw.ssh(app, "for i in 1 2 3 4 5; do echo $i; sleep 0.9; done")
     assert busy.returncode == 0
     assert busy.stdout == b"1\n2\n3\n4\n5\n"
@@ -206,10 +200,10 @@ def test_a_silent_client_is_noticed_by_keepalives(own_gateway: Gateway) -> None:
         own_gateway.ssh_argv(app, marker), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
     )
     try:
-        assert wait_until(lambda: _pids_with(marker, client), 10)
+        assert wait_until(lambda: pids_with(marker, client), 10)
         client.send_signal(signal.SIGSTOP)  # the TCP connection stays open, but silent
         stopped = time.monotonic()
-        assert wait_until(lambda: not _pids_with(marker, client), 8)
+        assert wait_until(lambda: not pids_with(marker, client), 8)
         assert time.monotonic() - stopped >= 1.5
     finally:
         client.kill()

@@ -8,12 +8,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.conftest import Gateway, wait_until
-
-
-def _pids_with(marker: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split()]
+from tests.conftest import Gateway, pids_with, wait_until
 
 
 def test_kill_9_then_restart_leaves_nothing_and_closes_the_records(own_gateway: Gateway) -> None:
@@ -28,7 +23,7 @@ def test_kill_9_then_restart_leaves_nothing_and_closes_the_records(own_gateway: 
     )  # fmt: skip
     assert gw.ssh(app, "run:detached", f"{detached_marker}; true").returncode == 0
     try:
-        assert wait_until(lambda: _pids_with(attached_marker) and _pids_with(detached_marker), 10)
+        assert wait_until(lambda: pids_with(attached_marker) and pids_with(detached_marker), 10)
         assert gw.process is not None
         serve = gw.process.pid
         front = [
@@ -41,10 +36,10 @@ def test_kill_9_then_restart_leaves_nothing_and_closes_the_records(own_gateway: 
         gw.process.wait()
         gw.process = None
         # The sleeps are grandchildren: the manager's death alone does not end them.
-        assert _pids_with(detached_marker), "expected an orphan for the next start to find"
+        assert pids_with(detached_marker), "expected an orphan for the next start to find"
         gw.start()
         assert wait_until(
-            lambda: not _pids_with(attached_marker) and not _pids_with(detached_marker), 5
+            lambda: not pids_with(attached_marker) and not pids_with(detached_marker), 5
         )
     finally:
         client.kill()

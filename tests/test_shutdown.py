@@ -7,12 +7,7 @@ import signal
 import subprocess
 import time
 
-from tests.conftest import Gateway, wait_until
-
-
-def _pids_with(marker: str, client: subprocess.Popen[bytes] | None = None) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split() if client is None or int(pid) != client.pid]
+from tests.conftest import Gateway, pids_with, wait_until
 
 
 def test_sigterm_tells_attached_clients_and_leaves_nothing(own_gateway: Gateway) -> None:
@@ -27,9 +22,9 @@ def test_sigterm_tells_attached_clients_and_leaves_nothing(own_gateway: Gateway)
         gw.ssh_argv(app, f"{attached}; true"),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    assert wait_until(lambda: _pids_with(attached, client), 10)  # so it is run.1
+    assert wait_until(lambda: pids_with(attached, client), 10)  # so it is run.1
     assert gw.ssh(app, "run:detached", f"{detached}; true").returncode == 0
-    assert wait_until(lambda: _pids_with(detached), 10)
+    assert wait_until(lambda: pids_with(detached), 10)
     assert gw.process is not None
     started = time.monotonic()
     gw.process.send_signal(signal.SIGTERM)
@@ -38,7 +33,7 @@ def test_sigterm_tells_attached_clients_and_leaves_nothing(own_gateway: Gateway)
     assert gw.process.wait(20) == 0
     assert time.monotonic() - started < 10
     gw.process = None
-    assert not _pids_with(attached) and not _pids_with(detached)
+    assert not pids_with(attached) and not pids_with(detached)
     assert not any((gw.state_dir / "dynos").iterdir())
     logs = gw.cli("logs", app).stdout
     assert "heroku[run.1]: Process exited with status 129" in logs  # hung up, as on disconnect
