@@ -23,7 +23,9 @@ def test_kill_9_then_restart_leaves_nothing_and_closes_the_records(own_gateway: 
     )  # fmt: skip
     assert gw.ssh(app, "run:detached", f"{detached_marker}; true").returncode == 0
     try:
-        assert wait_until(lambda: pids_with(attached_marker) and pids_with(detached_marker), 10)
+        assert wait_until(
+            lambda: pids_with(attached_marker, client) and pids_with(detached_marker), 10
+        )
         assert gw.process is not None
         serve = gw.process.pid
         front = [
@@ -39,7 +41,7 @@ def test_kill_9_then_restart_leaves_nothing_and_closes_the_records(own_gateway: 
         assert pids_with(detached_marker), "expected an orphan for the next start to find"
         gw.start()
         assert wait_until(
-            lambda: not pids_with(attached_marker) and not pids_with(detached_marker), 5
+            lambda: not pids_with(attached_marker, client) and not pids_with(detached_marker), 5
         )
     finally:
         client.kill()
