@@ -35,5 +35,6 @@ def test_quick_bench_prints_a_ratio_per_row(tmp_path: Path) -> None:
     table = [line for line in result.stdout.splitlines() if line.startswith(tuple(sections))]
     assert len(table) == len(rows)
     for line in table:
-        # A ratio, or the note that one server does not offer that cipher.
-        assert re.search(r"\s\d+\.\d\dx(\s|$)|not offered by", line), f"no ratio in: {line}"
+        # A ratio (negative where a tiny sample's memory growth is below the noise, as
+        # with 5 sessions), or the note that one server does not offer that cipher.
+        assert re.search(r"\s-?\d+\.\d\dx(\s|$)|not offered by", line), f"no ratio in: {line}"
