@@ -1,6 +1,6 @@
 """Benchmark the gateway against OpenSSH's sshd, side by side, on this machine.
 
-    .venv/bin/python bench/run.py            # the full run (about 15 minutes), results
+    .venv/bin/python bench/run.py            # the full run (about 10 minutes), results
                                              # and plots in docs/benchmarks/
     .venv/bin/python bench/run.py --quick    # a smoke run (under a minute), bench/results/
 
