@@ -15,7 +15,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import asyncssh
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,6 +159,17 @@ class Gateway:
             stdin=stdin if input is None else None,
             capture_output=True,
             timeout=timeout,
+        )
+
+    def connect(self, app: str, **options: object) -> Any:
+        """An asyncssh client connection to `app` with the test key (use with async with)."""
+        return asyncssh.connect(
+            "127.0.0.1",
+            self.port,
+            username=app,
+            client_keys=[str(self.client_key)],
+            known_hosts=None,
+            **options,
         )
 
     def new_app(self, files: dict[str, str | bytes] | None = None, release: bool = True) -> str:

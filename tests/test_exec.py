@@ -129,13 +129,7 @@ def test_passwords_and_forwarding_are_refused(gateway: Gateway) -> None:
     assert refused.returncode == 255
 
     async def forward() -> None:
-        async with asyncssh.connect(
-            "127.0.0.1",
-            gateway.port,
-            username=app,
-            client_keys=[str(gateway.client_key)],
-            known_hosts=None,
-        ) as conn:
+        async with gateway.connect(app) as conn:
             with pytest.raises(asyncssh.ChannelOpenError):
                 await conn.open_connection("127.0.0.1", 22)
             with pytest.raises(asyncssh.ChannelListenError):
@@ -148,13 +142,7 @@ def test_a_signal_death_comes_back_as_exit_signal(gateway: Gateway) -> None:
     app = gateway.new_app()
 
     async def run() -> asyncssh.SSHCompletedProcess:
-        async with asyncssh.connect(
-            "127.0.0.1",
-            gateway.port,
-            username=app,
-            client_keys=[str(gateway.client_key)],
-            known_hosts=None,
-        ) as conn:
+        async with gateway.connect(app) as conn:
             return await conn.run("echo before; kill -TERM $$", check=False)
 
     result = asyncio.run(run())

@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncssh
 import pytest
 
 from tests.conftest import Gateway, pids_with, wait_until
@@ -239,21 +238,11 @@ def test_max_lifetime_kills_what_ignores_sigterm(own_gateway: Gateway) -> None:
     assert "heroku[run.1]: Process exited with status 137" in logs
 
 
-async def _connect(gateway: Gateway, app: str) -> asyncssh.SSHClientConnection:
-    return await asyncssh.connect(
-        "127.0.0.1",
-        gateway.port,
-        username=app,
-        client_keys=[str(gateway.client_key)],
-        known_hosts=None,
-    )
-
-
 def test_signal_requests_reach_the_dyno(gateway: Gateway) -> None:
     app = gateway.new_app()
 
     async def run() -> str:
-        async with await _connect(gateway, app) as conn:
+        async with gateway.connect(app) as conn:
             process = await conn.create_process(
                 "trap 'echo got USR1; exit 0' USR1; echo ready; while :; do sleep 0.1; done"
             )
@@ -271,7 +260,7 @@ def test_signals_outside_the_allow_list_are_refused(gateway: Gateway) -> None:
     app = gateway.new_app()
 
     async def run() -> str:
-        async with await _connect(gateway, app) as conn:
+        async with gateway.connect(app) as conn:
             process = await conn.create_process(
                 "trap 'echo got CONT' CONT; echo ready; sleep 1; echo finished"
             )
@@ -289,7 +278,7 @@ def test_a_100kb_paste_through_the_pty_arrives_intact(gateway: Gateway) -> None:
     assert len(text) > 100_000
 
     async def run() -> str:
-        async with await _connect(gateway, app) as conn:
+        async with gateway.connect(app) as conn:
             process = await conn.create_process(
                 "stty -echo; cat > pasted; sha256sum pasted", term_type="xterm", encoding=None
             )

@@ -244,13 +244,7 @@ def test_max_sessions_per_connection(own_gateway: Gateway) -> None:
     app = gw.new_app()
 
     async def scenario() -> None:
-        async with asyncssh.connect(
-            "127.0.0.1",
-            gw.port,
-            username=app,
-            client_keys=[str(gw.client_key)],
-            known_hosts=None,
-        ) as conn:
+        async with gw.connect(app) as conn:
             first = await conn.create_process("sleep 60")
             second = await conn.create_process("sleep 60")
             with pytest.raises(asyncssh.ChannelOpenError) as refused:
@@ -304,13 +298,7 @@ def test_only_accepted_env_reaches_the_dyno(own_gateway: Gateway) -> None:
     app = gw.new_app()
 
     async def run(command: str) -> str:
-        async with asyncssh.connect(
-            "127.0.0.1",
-            gw.port,
-            username=app,
-            client_keys=[str(gw.client_key)],
-            known_hosts=None,
-        ) as conn:
+        async with gw.connect(app) as conn:
             result = await conn.run(
                 command,
                 env={
