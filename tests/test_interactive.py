@@ -115,7 +115,9 @@ def test_killing_the_client_ends_the_dyno(gateway: Gateway, tty: bool) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    assert wait_until(lambda: pids_with(marker, client), 10)
+    # The dyno's own `sleep` (its command line starts with the marker), not a wrapper or
+    # sandbox process that merely holds it in its arguments: the dyno is up.
+    assert wait_until(lambda: pids_with(f"^{marker}"), 10)
     client.kill()
     client.wait()
     assert wait_until(lambda: not pids_with(marker), 2), "the dyno outlived its client"
