@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import SizeSettings
+from gateway.core.environment import dyno_env
 from gateway.core.messages import Pty
 from gateway.manager import bwrap as bw
 from gateway.manager import limits
@@ -145,7 +146,7 @@ def test_bwrap_options_isolate_and_carry_the_environment() -> None:
         hidden=["--tmpfs", "/usr/gw"],
         layout=layout,
         network="outbound",
-        env=bw.dyno_env(_spec()),
+        env=_env(),
     )
     joined = " ".join(args)
     for flag in (
@@ -153,6 +154,7 @@ def test_bwrap_options_isolate_and_carry_the_environment() -> None:
         "--unshare-pid --unshare-ipc --unshare-uts",
         "--hostname run.7",
         "--die-with-parent",
+        "--as-pid-1",
         "--cap-drop ALL",
         "--ro-bind /usr /usr --tmpfs /usr/gw",
         "--bind /tmp/tmp /tmp",
@@ -176,40 +178,46 @@ def test_bwrap_options_isolate_and_carry_the_environment() -> None:
     assert " ".join(none).count("--size 4096 --tmpfs /tmp") == 1
 
 
-def test_config_vars_may_set_path_but_not_the_dyno_name() -> None:
-    env = bw.dyno_env(_spec(config_vars={"PATH": "/app/bin", "DYNO": "web.1"}))
+def _env(config_vars: dict[str, str] | None = None, pty: Pty | None = None) -> dict[str, str]:
+    spec = _spec()
+    return dyno_env(
+        name=spec.name,
+        config_vars=spec.config_vars if config_vars is None else config_vars,
+        app_dir="/app",
+        port=5000,
+        pty=pty,
+    )
+
+
+def test_config_vars_may_set_path_but_not_the_dyno_name_or_port() -> None:
+    env = _env({"PATH": "/app/bin", "DYNO": "web.1", "PORT": "80"})
     assert env["PATH"] == "/app/bin" and env["DYNO"] == "run.7" and env["PWD"] == "/app"
-    pty_env = bw.dyno_env(_spec(pty=Pty(term="screen", cols=80, rows=24)))
+    assert env["PORT"] == "5000"
+    pty_env = _env(pty=Pty(term="screen", cols=80, rows=24))
     assert (pty_env["TERM"], pty_env["COLUMNS"], pty_env["LINES"]) == ("screen", "80", "24")
 
 
 def test_wrapper_argv_enters_the_holder_and_drops_root_before_bwrap() -> None:
     tools = {name: f"/bin/{name}" for name in bw.TOOLS + bw.ROOT_TOOLS}
-    inner = bw.inner_argv("/usr/bin/env", "/bin/bash", "echo hi")
+    inner = bw.inner_argv(12, ["--ctty", "--control", "13"], "/bin/bash", "echo hi")
     argv = bw.wrapper_argv(
-        tools, holder_pid=42, network="outbound", procs_files=["/cg/a", "/cg/b"], pty=True,
-        inner=inner,
-    )  # fmt: skip
-    assert argv[:2] == ["/bin/setsid", "--ctty"]
-    assert argv[2:6] == ["/bin/nsenter", "--target=42", "--mount", "--net"]
+        tools, holder_pid=42, network="outbound", procs_files=["/cg/a", "/cg/b"], inner=inner
+    )
+    assert argv[:4] == ["/bin/nsenter", "--target=42", "--mount", "--net"]
     shell = argv.index(bw.WRAPPER_SCRIPT)
     assert argv[shell + 1 : shell + 5] == ["dyno", "/cg/a", "/cg/b", "--"]
     chroot = argv.index("/bin/chroot")
     assert argv[chroot + 1 : chroot + 5] == [
         "--userspec=65534:65534", "--groups=65534", "--skip-chdir", "/",
     ]  # fmt: skip
-    assert argv[-9:] == [
+    assert argv[-12:] == [
         "/bin/bwrap", "--args", "4", "--",
-        "/usr/bin/env", "--default-signal", "/bin/bash", "-c", "echo hi",
+        "/proc/self/fd/12", "--ctty", "--control", "13", "--", "/bin/bash", "-c", "echo hi",
     ]  # fmt: skip
-    plain = bw.wrapper_argv(
-        tools, holder_pid=None, network="host", procs_files=[], pty=False, inner=["x"]
-    )
+    plain = bw.wrapper_argv(tools, holder_pid=None, network="host", procs_files=[], inner=["x"])
     assert "/bin/nsenter" not in plain and "/bin/chroot" not in plain
     assert plain[0] == "/bin/sh"
-    host_net = bw.wrapper_argv(
-        tools, holder_pid=7, network="host", procs_files=[], pty=False, inner=["x"]
-    )
+    host_net = bw.wrapper_argv(tools, holder_pid=7, network="host", procs_files=[], inner=["x"])
     assert "--net" not in host_net[: host_net.index("/bin/sh")]
 
 
@@ -271,8 +279,8 @@ def test_a_dyno_sees_only_itself(gw: Gateway) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.decode().splitlines()
     processes = [line.split() for line in lines[:-3]]
-    # bwrap's reaper is pid 1; then the shell and ps: no host process, no other dyno.
-    assert [comm for _, comm in processes] == ["bwrap", "bash", "ps"], processes
+    # The dyno's init is pid 1; then the shell and ps: no host process, no other dyno.
+    assert [comm for _, comm in processes] == ["dyno-init", "bash", "ps"], processes
     assert processes[0][0] == "1"
     assert lines[-3:] == ["run.1", "65534", "65534"]
 
@@ -516,7 +524,7 @@ def test_bwrap_that_cannot_work_refuses_to_start(own_gateway: Gateway) -> None:
     result = _serve(gw)
     assert result.returncode != 0
     assert 'dynos.sandbox = "bwrap" cannot work here' in result.stderr, result.stderr
-    assert "/usr/bin/env" in result.stderr  # the trial dyno's own error
+    assert "bwrap: execvp" in result.stderr  # the trial dyno's own error
     assert not list((gw.state_dir / "dynos").iterdir())
 
 
@@ -647,8 +655,10 @@ def test_without_root_a_dyno_runs_in_a_user_namespace() -> None:
             "import sys; sys.path.insert(0, sys.argv[1])\n"
             "from gateway.config import parse\n"
             "from gateway.manager.bwrap import BwrapSandbox\n"
+            "from gateway.manager.dyno_init import InitBinary\n"
             "config = parse({'state_dir': sys.argv[2], 'dynos': {'sandbox': 'bwrap'}})\n"
-            "print(BwrapSandbox.probe(config, strict=False).describe())\n"
+            "init = InitBinary.ensure(config.state_dir / 'lib')\n"
+            "print(BwrapSandbox.probe(config, strict=False, init=init).describe())\n"
         )
         result = subprocess.run(
             [*as_nobody, sys.executable, "-c", script, repo, str(home / "state")],

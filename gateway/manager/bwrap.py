@@ -12,9 +12,11 @@ How a dyno is built when the manager runs as root (docs/sandbox.md has the why):
    networking, slirp4netns serves the holder's network namespace.
 2. `command`: `nsenter` into the holder's namespaces; a small root shell joins the
    cgroup (before anything forks), sets rlimits, ignores the stop signals for itself
-   and bwrap, and starts `setpriv` -> `bwrap` as the dyno user; bwrap makes the user,
-   pid, ipc, uts and cgroup namespaces, binds the stack read-only, /app and /tmp, and
-   runs `env --default-signal bash -c CMD` (signals back to default for the dyno).
+   and bwrap, and starts `chroot --userspec` -> `bwrap` as the dyno user; bwrap makes
+   the user, pid, ipc, uts and cgroup namespaces, binds the stack read-only, /app and
+   /tmp, and runs the dyno's init as PID 1 (dyno_init.c: it resets the signals, makes
+   the terminal's session, reaps, and reports the command's status), which runs
+   `bash -c CMD`.
 3. `remove`: kills whatever is left in the cgroup, stops slirp4netns and the holder,
    removes the cgroup and the workspace.
 
@@ -41,6 +43,8 @@ from pathlib import Path
 import trio
 
 from gateway.config import DEFAULT_SIZE, Config
+from gateway.core.environment import dyno_env
+from gateway.manager.dyno_init import InitBinary, InitPipes
 from gateway.manager.limits import (
     R15,
     Cgroups,
@@ -50,7 +54,14 @@ from gateway.manager.limits import (
     parent_name,
 )
 from gateway.manager.network import NetworkError, Slirp, resolv_conf
-from gateway.manager.sandbox import BASE_PATH, Command, DynoSpec, Workspace, remove_dyno_dirs
+from gateway.manager.sandbox import (
+    OWN_NETWORK_PORT,
+    Command,
+    DynoSpec,
+    Workspace,
+    free_port,
+    remove_dyno_dirs,
+)
 from gateway.slugs import remove_tree
 
 log = logging.getLogger("gateway.manager")
@@ -62,7 +73,7 @@ DYNO_GID = 65534
 NOFILE = 10000
 # Where the gateway looks for the tools it runs as root: never a dyno's PATH.
 TRUSTED_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-TOOLS = ("bwrap", "sh", "setsid", "cp", "chmod")
+TOOLS = ("bwrap", "sh", "cp", "chmod")
 ROOT_TOOLS = ("chroot", "nsenter", "unshare", "mount", "install", "chown")
 # Inside the holder's mount namespace the dyno's tmpfs is moved to /tmp.
 HOLDER_ROOT = "/tmp"
@@ -169,18 +180,6 @@ def hidden_args(entries: Sequence[StackEntry], secrets_: Iterable[tuple[str, boo
     return args
 
 
-def dyno_env(spec: DynoSpec) -> dict[str, str]:
-    """The dyno's environment, as the process sandbox builds it, with /app as home."""
-    env = {"PATH": BASE_PATH, "HOME": "/app", "LANG": "C.UTF-8"}
-    env.update(spec.config_vars)
-    env["DYNO"] = spec.name
-    env["PWD"] = "/app"
-    if spec.pty is not None:
-        env["TERM"] = spec.pty.term or "xterm"
-        env["COLUMNS"], env["LINES"] = str(spec.pty.cols), str(spec.pty.rows)
-    return env
-
-
 @dataclass(frozen=True)
 class Layout:
     """Where the dyno's pieces are, as bwrap (in the holder's namespaces) sees them."""
@@ -207,6 +206,9 @@ def bwrap_args(
         "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
         "--hostname", hostname,
         "--die-with-parent",
+        # The dyno's init is PID 1: bwrap's own would end the namespace with the
+        # command, and with it whatever survived a hang-up.
+        "--as-pid-1",
         "--cap-drop", "ALL",
     ]  # fmt: skip
     if network == "none":
@@ -226,10 +228,13 @@ def bwrap_args(
     return args
 
 
-def inner_argv(env_path: str, shell: str, command: str | None) -> list[str]:
-    """What bwrap runs: the shell, with every signal back at its default."""
+def inner_argv(
+    init_fd: int, init_args: Sequence[str], shell: str, command: str | None
+) -> list[str]:
+    """What bwrap runs: the dyno's init, exec'd through its descriptor (the binary lives
+    in the gateway's state, out of the dyno's sight), and under it the shell."""
     argv = [shell] if command is None else [shell, "-c", command]
-    return [env_path, "--default-signal", *argv]
+    return [f"/proc/self/fd/{init_fd}", *init_args, "--", *argv]
 
 
 def encode_args(args: Sequence[str]) -> bytes:
@@ -262,12 +267,12 @@ def wrapper_argv(
     holder_pid: int | None,
     network: str,
     procs_files: Sequence[str],
-    pty: bool,
     inner: Sequence[str],
 ) -> list[str]:
-    """The dyno's argv: [setsid --ctty] [nsenter into the holder] sh WRAPPER procs --
-    [chroot --userspec: the dyno user] bwrap --args 4 -- INNER."""
-    argv: list[str] = [tools["setsid"], "--ctty"] if pty else []
+    """The dyno's argv: [nsenter into the holder] sh WRAPPER procs --
+    [chroot --userspec: the dyno user] bwrap --args 4 -- INNER. The dyno's init (in
+    INNER) gives a terminal session its controlling terminal."""
+    argv: list[str] = []
     if holder_pid is not None:
         argv += [tools["nsenter"], f"--target={holder_pid}", "--mount"]
         if network == "outbound":
@@ -333,7 +338,7 @@ class _Dyno:
 class BwrapSandbox:
     name = "bwrap"
 
-    def __init__(self, config: Config, tools: dict[str, str], plan: Plan) -> None:
+    def __init__(self, config: Config, tools: dict[str, str], plan: Plan, init: InitBinary) -> None:
         self.config = config
         self.tools = tools
         self.plan = plan
@@ -342,14 +347,14 @@ class BwrapSandbox:
         self.views_dir = config.state_dir / "views"
         self.stack = look_at_stack(config.dynos.stack)
         self.hidden = hidden_args(self.stack, self._gateway_paths())
-        self.env_path = "/usr/bin/env"
+        self.init = init
         self._dynos: dict[Path, _Dyno] = {}
         self._view_locks: dict[Path, trio.Lock] = {}
 
     # Choosing
 
     @classmethod
-    def probe(cls, config: Config, strict: bool) -> BwrapSandbox:
+    def probe(cls, config: Config, strict: bool, init: InitBinary) -> BwrapSandbox:
         """A bwrap sandbox that has just run a dyno here, or BwrapUnavailable.
 
         With `strict` (sandbox = "bwrap"), outbound networking that cannot work is an
@@ -380,7 +385,7 @@ class BwrapSandbox:
             notes.append("not root: no cgroup limits, rlimits only; /app is a copy")
         plan = Plan(root, root and overlay_safe(config.state_dir), network, cgroups)
         try:
-            sandbox = cls._try(config, tools, plan, notes, strict)
+            sandbox = cls._try(config, tools, plan, notes, strict, init)
         except BaseException:
             if cgroups is not None:
                 cgroups.remove_parents()
@@ -391,11 +396,17 @@ class BwrapSandbox:
 
     @classmethod
     def _try(
-        cls, config: Config, tools: dict[str, str], plan: Plan, notes: list[str], strict: bool
+        cls,
+        config: Config,
+        tools: dict[str, str],
+        plan: Plan,
+        notes: list[str],
+        strict: bool,
+        init: InitBinary,
     ) -> BwrapSandbox:
         """Run trial dynos until one works, weakening the plan where allowed."""
         while True:
-            sandbox = cls(config, tools, replace(plan, notes=tuple(notes)))
+            sandbox = cls(config, tools, replace(plan, notes=tuple(notes)), init)
             try:
                 _run_in_new_trio(sandbox._probe)
             except HolderError as exc:
@@ -435,8 +446,9 @@ class BwrapSandbox:
         )
         try:
             workspace = await self.prepare(spec)
+            init = InitPipes.open()
             try:
-                command = self.command(spec, workspace)
+                command = self.command(spec, workspace, init)
                 with trio.fail_after(PROBE_TIMEOUT):
                     result = await trio.run_process(
                         command.argv,
@@ -446,8 +458,10 @@ class BwrapSandbox:
                         capture_stdout=True,
                         capture_stderr=True,
                         check=False,
+                        pass_fds=command.pass_fds,
                     )
             finally:
+                init.close()
                 with trio.CancelScope(shield=True):
                     await self.remove(workspace)
         finally:
@@ -504,7 +518,7 @@ class BwrapSandbox:
             raise
         return workspace
 
-    def command(self, spec: DynoSpec, workspace: Workspace) -> Command:
+    def command(self, spec: DynoSpec, workspace: Workspace, init: InitPipes) -> Command:
         dyno = self._dynos[workspace.root]
         if self.plan.root:
             assert dyno.holder is not None
@@ -528,7 +542,13 @@ class BwrapSandbox:
             hidden=self.hidden,
             layout=layout,
             network=self.plan.network,
-            env=dyno_env(spec),
+            env=dyno_env(
+                name=spec.name,
+                config_vars=spec.config_vars,
+                app_dir="/app",
+                port=free_port() if self.plan.network == "host" else OWN_NETWORK_PORT,
+                pty=spec.pty,
+            ),
         )
         fd = os.open(args_host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as file:
@@ -538,14 +558,15 @@ class BwrapSandbox:
             holder_pid=dyno.holder.pid if dyno.holder else None,
             network=self.plan.network,
             procs_files=[str(p) for p in dyno.cgroup.procs_files] if dyno.cgroup else [],
-            pty=spec.pty is not None,
-            inner=inner_argv(self.env_path, shell, spec.command),
+            inner=inner_argv(
+                self.init.fd, init.init_args(ctty=spec.pty is not None), shell, spec.command
+            ),
         )
         env = {"PATH": TRUSTED_PATH, "GW_ARGS": args_seen, "GW_NOFILE": str(self._nofile())}
         if dyno.cgroup is None:
             env["GW_DATA_KB"] = str(self.config.sizes[spec.size].memory * 1024)
         cwd = Path("/") if self.plan.root else workspace.root
-        return Command(argv, env, cwd)
+        return Command(argv, env, cwd, (*init.child_fds, self.init.fd))
 
     def end_reason(self, workspace: Workspace) -> list[str]:
         dyno = self._dynos.get(workspace.root)

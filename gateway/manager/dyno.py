@@ -1,7 +1,8 @@
-"""A running dyno as the manager holds it: its process group and its streams."""
+"""A running dyno as the manager holds it: its process group, its init and its streams."""
 
 from __future__ import annotations
 
+import array
 import contextlib
 import fcntl
 import os
@@ -14,8 +15,12 @@ import trio
 from gateway.core.applog import LineSplitter
 from gateway.core.messages import Pty
 from gateway.manager.applog import AppLog
+from gateway.manager.dyno_init import InitPipes
 from gateway.manager.sandbox import DynoSpec
 from gateway.manager.spawn import Child
+
+# Linux's ioctl for a terminal's session; Python's termios module does not name it.
+TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)
 
 
 class Stdio:
@@ -31,10 +36,11 @@ class Stdio:
             fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", pty.rows, pty.cols, 0, 0))
             self.child, self.front, self.kept = [slave] * 3, [os.dup(master)], [master]
         else:
-            in_r = os.open(os.devnull, os.O_RDONLY)
             in_w = None
             if attach:
                 in_r, in_w = os.pipe()
+            else:
+                in_r = os.open(os.devnull, os.O_RDONLY)
             out_r, out_w = os.pipe()
             if merge:
                 self.child, self.kept = [in_r, out_w, out_w], [out_r]
@@ -64,11 +70,14 @@ def _close_all(fds: list[int]) -> None:
 
 
 class Dyno:
-    """A running dyno's process group and the manager's ends of its streams."""
+    """A running dyno: its process group (the spawned process leads it), its init (which
+    sees every process of the dyno, job-control groups and orphans included), and the
+    manager's ends of its streams."""
 
-    def __init__(self, process: Child, spec: DynoSpec, stdio: Stdio) -> None:
+    def __init__(self, process: Child, spec: DynoSpec, stdio: Stdio, init: InitPipes) -> None:
         self.process = process
         self.spec = spec
+        self.init = init
         self.pgid = process.pid  # a new session: the dyno's process is its group leader
         self.master = stdio.kept[0] if spec.pty is not None else None
         self.outputs = list(stdio.kept)
@@ -90,20 +99,58 @@ class Dyno:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, sig)
 
+    def hang_up(self) -> None:
+        """The client is gone. As the kernel does for sshd when a terminal's master
+        closes: SIGHUP, then SIGCONT, to the session's leader and to the terminal's
+        foreground group (an interactive shell then hangs up its own jobs); without a
+        terminal, to the dyno's process group. What survives it (`nohup`, a trap) runs
+        on detached: the dyno now lasts until its last process ends, its output going
+        to the app log."""
+        self.detached = True
+        # First, so that the init does not end the rest with the command, and re-sends
+        # the hang-up to a command that has not exec'd yet.
+        self.init.send(b"h")
+        targets: list[tuple[int, bool]] = [(self.pgid, True)]  # (pid, is a group)
+        if self.master is not None:
+            sid = array.array("i", [0])
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.master, TIOCGSID, sid)
+                targets = [(sid[0], False)]
+            with contextlib.suppress(OSError):
+                targets.append((os.tcgetpgrp(self.master), True))
+        for sig in (signal.SIGHUP, signal.SIGCONT):
+            for pid, group in targets:
+                if pid > 0:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pid, sig) if group else os.kill(pid, sig)
+
     async def stop(self, grace: float) -> bool:
-        """SIGTERM, `grace` seconds, then SIGKILL: how Heroku stops and cycles dynos.
-        Returns whether the dyno ended within the grace."""
-        self.signal_group(signal.SIGTERM)
+        """SIGTERM to every process of the dyno, `grace` seconds, then SIGKILL: how Heroku
+        stops and cycles dynos. Returns whether the dyno ended within the grace."""
+        self.init.send(b"t")
         with trio.move_on_after(grace):
             await self.process.wait()
             return True
-        self.signal_group(signal.SIGKILL)
+        self.end_group()
         await self.process.wait()
         return False
 
     def end_group(self) -> None:
-        """The dyno ends with its process: whatever it left running goes too."""
+        """Every process of the dyno goes: through its init, and its process group in
+        case the init itself is gone."""
+        self.init.send(b"k")
         self.signal_group(signal.SIGKILL)
+
+    def exit_status(self) -> int:
+        """The command's status as a Popen return code (negative: that signal), after
+        the process ended. The init reports the command's own wait status; the wrapper's
+        code stands in if the init never said it."""
+        status = self.init.main_status()
+        if status is None:
+            returncode = self.process.returncode
+            assert returncode is not None
+            return returncode
+        return os.waitstatus_to_exitcode(status)
 
     async def capture_output(self, log: AppLog) -> None:
         """Copy the dyno's output into the app log as `app[run.N]` lines until EOF."""

@@ -18,6 +18,7 @@ import trio
 
 from gateway.config import Config
 from gateway.manager.bwrap import BwrapSandbox, BwrapUnavailable
+from gateway.manager.dyno_init import InitBinary, InitUnavailable
 from gateway.manager.sandbox import ProcessSandbox, Sandbox
 from gateway.manager.supervisor import Manager
 from gateway.store import Store
@@ -59,9 +60,13 @@ def choose_sandbox(config: Config) -> Sandbox:
     "bwrap" and "auto" first run a trial dyno through bubblewrap; "bwrap" refuses to
     start with the trial's error, "auto" falls back to the process sandbox."""
     wanted = config.dynos.sandbox
+    try:
+        init = InitBinary.ensure(config.state_dir / "lib")
+    except InitUnavailable as exc:
+        raise SandboxUnavailable(str(exc)) from None
     if wanted in ("bwrap", "auto"):
         try:
-            bwrap = BwrapSandbox.probe(config, strict=wanted == "bwrap")
+            bwrap = BwrapSandbox.probe(config, strict=wanted == "bwrap", init=init)
         except BwrapUnavailable as exc:
             if wanted == "bwrap":
                 raise SandboxUnavailable(
@@ -74,7 +79,7 @@ def choose_sandbox(config: Config) -> Sandbox:
             else:
                 log.info(bwrap.describe())
             return bwrap
-    sandbox = ProcessSandbox(config.dynos_dir, config.dynos.shell)
+    sandbox = ProcessSandbox(config.dynos_dir, config.dynos.shell, init)
     log.warning(sandbox.describe())
     return sandbox
 

@@ -9,16 +9,20 @@ cannot, and `gateway serve` says so loudly.
 from __future__ import annotations
 
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import trio
 
+from gateway.core.environment import dyno_env
 from gateway.core.messages import Pty
+from gateway.manager.dyno_init import InitBinary, InitPipes
 from gateway.slugs import remove_tree
 
-BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# $PORT in a dyno with a network namespace of its own (nothing else listens there).
+OWN_NETWORK_PORT = 5000
 
 
 @dataclass(frozen=True)
@@ -45,11 +49,13 @@ class DynoSpec:
 
 @dataclass(frozen=True)
 class Command:
-    """How to start a dyno's process: the supervisor adds stdio and a new session."""
+    """How to start a dyno's process: the supervisor adds stdio and a new session.
+    `pass_fds` are the descriptors the process inherits beside stdio."""
 
     argv: list[str]
     env: dict[str, str]
     cwd: Path
+    pass_fds: tuple[int, ...] = ()
 
 
 class Sandbox(Protocol):
@@ -64,7 +70,9 @@ class Sandbox(Protocol):
         """Make the dyno's private, writable view of its release."""
         ...
 
-    def command(self, spec: DynoSpec, workspace: Workspace) -> Command: ...
+    def command(self, spec: DynoSpec, workspace: Workspace, init: InitPipes) -> Command:
+        """How to start the dyno: its init (driven through `init`) running its command."""
+        ...
 
     def end_reason(self, workspace: Workspace) -> list[str]:
         """Heroku error lines for the app log when the sandbox's limits ended the dyno
@@ -83,9 +91,10 @@ class Sandbox(Protocol):
 class ProcessSandbox:
     name = "process"
 
-    def __init__(self, dynos_dir: Path, shell: str) -> None:
+    def __init__(self, dynos_dir: Path, shell: str, init: InitBinary) -> None:
         self.dynos_dir = dynos_dir
         self.shell = shell
+        self.init = init
 
     def describe(self) -> str:
         return (
@@ -123,32 +132,31 @@ class ProcessSandbox:
         wanted = root / "bin" / self.shell
         return str(Path("/bin") / self.shell) if wanted.exists() else "/bin/sh"
 
-    def command(self, spec: DynoSpec, workspace: Workspace) -> Command:
-        return Command(self.argv(spec), self.env(spec, workspace), workspace.app)
+    def command(self, spec: DynoSpec, workspace: Workspace, init: InitPipes) -> Command:
+        shell = self.shell_path()
+        program = [shell] if spec.command is None else [shell, "-c", spec.command]
+        # The init is a subreaper here (no PID namespace): it outlives the command when
+        # the client hung up and something survived, and it ends with the manager (its
+        # control pipe closes).
+        argv = [str(self.init.path), *init.init_args(ctty=spec.pty is not None), "--", *program]
+        env = dyno_env(
+            name=spec.name,
+            config_vars=spec.config_vars,
+            app_dir=str(workspace.app),
+            port=free_port(),
+            pty=spec.pty,
+        )
+        return Command(argv, env, workspace.app, init.child_fds)
 
     def end_reason(self, workspace: Workspace) -> list[str]:
         return []
 
-    def argv(self, spec: DynoSpec) -> list[str]:
-        shell = self.shell_path()
-        argv = [shell] if spec.command is None else [shell, "-c", spec.command]
-        if spec.pty is not None:
-            # A new session whose controlling terminal is the PTY on stdin, so the shell
-            # gets job control and Ctrl-C reaches the foreground job.
-            argv = ["setsid", "--ctty", *argv]
-        # If the manager is killed outright, the dyno's process goes with it (what it
-        # started is found by its process group on the next start).
-        return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
 
-    def env(self, spec: DynoSpec, workspace: Workspace) -> dict[str, str]:
-        env = {"PATH": BASE_PATH, "HOME": str(workspace.app), "LANG": "C.UTF-8"}
-        env.update(spec.config_vars)
-        env["DYNO"] = spec.name
-        env["PWD"] = str(workspace.app)
-        if spec.pty is not None:
-            env["TERM"] = spec.pty.term or "xterm"
-            env["COLUMNS"], env["LINES"] = str(spec.pty.cols), str(spec.pty.rows)
-        return env
+def free_port() -> int:
+    """A port nothing listens on now, for $PORT of a dyno on the host's network."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def remove_dyno_dirs(dynos_dir: Path) -> None:

@@ -58,9 +58,10 @@ def spawn(
     stderr: int,
     env: dict[str, str],
     cwd: Path,
-    new_session: bool,
+    pass_fds: tuple[int, ...] = (),
 ) -> Child:
-    """Fork and exec now, on the calling (main) thread."""
+    """Fork and exec now, on the calling (main) thread, in a new session of its own
+    (the dyno's process group; a terminal's session is made by the dyno's init)."""
     popen = subprocess.Popen(
         argv,
         stdin=stdin,
@@ -68,7 +69,8 @@ def spawn(
         stderr=stderr,
         env=env,
         cwd=cwd,
-        start_new_session=new_session,
+        start_new_session=True,
         close_fds=True,
+        pass_fds=pass_fds,
     )
     return Child(popen)

@@ -36,6 +36,7 @@ from gateway.ipc import ANCILLARY_SPACE, RECV_SIZE, ancillary, unpack
 from gateway.manager import metrics
 from gateway.manager.applog import AppLog
 from gateway.manager.dyno import Dyno, Stdio
+from gateway.manager.dyno_init import InitPipes
 from gateway.manager.orphans import end_group, start_time
 from gateway.manager.sandbox import DynoSpec, Sandbox, Workspace
 from gateway.manager.spawn import spawn
@@ -189,7 +190,7 @@ class Manager:
                 if not dyno.detached:
                     # As on a disconnect first, so that what does not trap SIGHUP ends
                     # by it, whichever of the front's hang-up and this comes first.
-                    dyno.signal_group(signal.SIGHUP)
+                    dyno.hang_up()
                 dyno.stop_scope.cancel()
         if self.running:
             log.info("stopping %d dynos", len(self.running))
@@ -297,8 +298,9 @@ class Manager:
         """Start the process, hand its stdio to the front, and see it to its end."""
         attach = request.attach
         stdio = Stdio(spec.pty, attach, request.merge_output)
+        init = InitPipes.open()
         try:
-            command = self.sandbox.command(spec, workspace)
+            command = self.sandbox.command(spec, workspace, init)
             try:
                 process = spawn(
                     command.argv,
@@ -307,7 +309,7 @@ class Manager:
                     stderr=stdio.child[2],
                     env=command.env,
                     cwd=command.cwd,
-                    new_session=spec.pty is None,
+                    pass_fds=command.pass_fds,
                 )
             except OSError as exc:
                 log.error("dyno failed to start %s error=%s", where, exc)
@@ -315,8 +317,10 @@ class Manager:
                 raise Refused(f"{spec.name} failed to start: {exc.strerror}") from None
         except BaseException:
             stdio.close()
+            init.close()
             raise
         stdio.close_child()
+        init.close_child_ends()
         metrics.DYNO_START_SECONDS.observe(trio.current_time() - request_time)
         metrics.DYNO_STARTS.labels(spec.app, spec.size).inc()
         running = metrics.DYNOS_RUNNING.labels(spec.app, spec.size)
@@ -324,7 +328,7 @@ class Manager:
         self.audit.event("dyno_start", app=spec.app, dyno=spec.name, size=spec.size,
                          command=spec.command, attached=attach, pid=process.pid)  # fmt: skip
         self.store.set_dyno_process(spec.app, spec.name, process.pid, start_time(process.pid) or 0)
-        dyno = Dyno(process, spec, stdio)
+        dyno = Dyno(process, spec, stdio, init)
         self.running[(spec.app, spec.name)] = dyno
         result = "exited"
         try:
@@ -340,7 +344,7 @@ class Manager:
                 if attach:
                     nursery.start_soon(self._follow_front, sock, dyno, where)
                 else:
-                    dyno.detached = True
+                    dyno.detached = True  # but it ends with its command, as on Heroku
                     nursery.start_soon(dyno.capture_output, self.applog)
                 with trio.move_on_after(self.config.dynos.max_lifetime) as lifetime:
                     with dyno.stop_scope:
@@ -360,17 +364,19 @@ class Manager:
                     with trio.move_on_after(DRAIN_AFTER_EXIT):
                         await dyno.output_done.wait()
                 nursery.cancel_scope.cancel()
+            returncode = dyno.exit_status()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await dyno.stop(grace=1)
-                exit = Exit.from_returncode(process.returncode)
+                exit = Exit.from_returncode(dyno.exit_status())
                 self._record_end(spec, workspace, exit, "stopped", where)
             raise
         finally:
             running.dec()
             dyno.end_group()
             stdio.close()
-        exit = Exit.from_returncode(process.returncode)
+            init.close()
+        exit = Exit.from_returncode(returncode)
         self._record_end(spec, workspace, exit, result, where)
         if attach:
             # If the client is gone, the record still says how the dyno ended.
@@ -402,8 +408,7 @@ class Manager:
                 data, anc, flags = b"", [], 0
             if not data:
                 log.info("client gone, SIGHUP %s", where)
-                dyno.detached = True
-                dyno.signal_group(signal.SIGHUP)
+                dyno.hang_up()
                 await dyno.capture_output(self.applog)
                 return
             try:

@@ -1,0 +1,31 @@
+"""A dyno's environment, the same in every sandbox: what Heroku sets, then the app's
+config vars, then the names the platform owns (a config var cannot rename the dyno)."""
+
+from __future__ import annotations
+
+from gateway.core.messages import Pty
+
+BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Set by the platform last, so no config var or client env can change them.
+PLATFORM_OWNED = ("DYNO", "PORT", "PWD")
+
+
+def dyno_env(
+    *,
+    name: str,
+    config_vars: dict[str, str],
+    app_dir: str,
+    port: int,
+    pty: Pty | None,
+) -> dict[str, str]:
+    """`app_dir` is where the dyno sees its app (`/app` in a bwrap sandbox, the private
+    copy's path in the process sandbox); it is also HOME, as on Heroku."""
+    env = {"PATH": BASE_PATH, "HOME": app_dir, "LANG": "C.UTF-8"}
+    env.update(config_vars)
+    env["DYNO"] = name
+    env["PORT"] = str(port)
+    env["PWD"] = app_dir
+    if pty is not None:
+        env["TERM"] = pty.term or "xterm"
+        env["COLUMNS"], env["LINES"] = str(pty.cols), str(pty.rows)
+    return env
