@@ -32,15 +32,24 @@ log = logging.getLogger("gateway.front")
 
 _ids = itertools.count(1)
 
-# Offered algorithms (docs/configuration.md, "Algorithms"): nothing ssh-audit fails (no
-# NIST curves, SHA-1, GEX or small groups; one 4096-bit DH group as the fallback, since
-# each DH kex is costly for the server), and no chacha20-poly1305: the client's order
-# picks the cipher, OpenSSH's puts chacha20 first, and it costs asyncssh ~1.5x the CPU of
-# AES here (AES-NI); OpenSSH clients then use aes128-ctr + umac-128-etm, others AES-GCM.
+# Offered algorithms (docs/configuration.md, "Algorithms"; what each common client picks:
+# docs/clients.md): nothing ssh-audit fails (no NIST curves, SHA-1, GEX or small groups;
+# one 4096-bit DH group as the fallback, since each DH kex is costly for the server), and
+# no chacha20-poly1305: the client's order picks, OpenSSH's puts chacha20 first, and it
+# costs asyncssh ~1.5x the CPU of AES here (AES-NI); OpenSSH uses aes128-ctr + umac-128-etm.
+# Two concessions to Dropbear's dbclient (2022.83), which has no ETM MAC and no AES-GCM:
+# - hmac-sha2-256 (encrypt-and-MAC; ssh-audit warns), last. Its only other way in is
+#   chacha20, which OpenSSH would then pick. PuTTY and paramiko list it before its ETM
+#   form and take it too (with AES-CTR, where encrypt-and-MAC is sound).
+# - curve25519-sha256 first: dbclient sends a guessed kex packet for its first kex and, as
+#   RFC 4253 says, counts the guess wrong unless that is the server's first too; asyncssh
+#   counts it right whenever it is the agreed kex. They disagree and the kex fails. The
+#   server's order picks nothing else: mlkem768x25519 is still chosen by clients that
+#   prefer it.
 ALGORITHMS: dict[str, list[str]] = {
     "kex_algs": [
-        "mlkem768x25519-sha256",
         "curve25519-sha256",
+        "mlkem768x25519-sha256",
         "curve25519-sha256@libssh.org",
         "curve448-sha512",
         "diffie-hellman-group16-sha512",
@@ -56,6 +65,7 @@ ALGORITHMS: dict[str, list[str]] = {
         "umac-128-etm@openssh.com",
         "hmac-sha2-256-etm@openssh.com",
         "hmac-sha2-512-etm@openssh.com",
+        "hmac-sha2-256",
     ],
 }
 # Host key signatures: RSA keys sign with SHA-2 only (ssh-rsa is SHA-1).
