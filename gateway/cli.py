@@ -25,7 +25,7 @@ from gateway.audit import AuditLog
 from gateway.config import Config, ConfigError, split_listen
 from gateway.core.authorized_keys import BadKey, parse_text
 from gateway.core.commands import format_ps
-from gateway.core.names import InvalidName, check_app_name, check_config_key
+from gateway.core.names import InvalidName, check_app_name, check_config_var
 from gateway.keys import HOST_KEY_NAMES, ensure_host_keys, public_key, write_key_pair
 from gateway.manager_client import ManagerUnreachable, request
 from gateway.store import Store, StoreError
@@ -214,7 +214,7 @@ def config_set(args: argparse.Namespace, config: Config) -> int:
         key, sep, value = pair.partition("=")
         if not sep:
             raise UserError(f"{pair!r} is not KEY=VALUE")
-        values[check_config_key(key)] = value
+        values[check_config_var(key)] = value
     _store(config).set_config(args.app, values)
     _audit(config, "config_set", app=args.app, keys=sorted(values))  # never the values
     print(f"Set {', '.join(values)} on {args.app}")
@@ -257,6 +257,9 @@ def keys_add(args: argparse.Namespace, config: Config) -> int:
     try:
         keys = parse_text(text)
     except BadKey as exc:
+        public = Path(f"{args.file}.pub")
+        if str(args.file) != "-" and "private key" in str(exc) and public.is_file():
+            raise UserError(f"{args.file} is a private key: did you mean {public}?") from None
         raise UserError(f"{args.file}: {exc}") from None
     store = _store(config)
     for key in keys:

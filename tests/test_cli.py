@@ -123,6 +123,16 @@ def test_config_vars_set_unset_and_show(gw: Gateway) -> None:
     assert missing.returncode == 1 and "no such app: 'nope-app'" in missing.stderr
 
 
+def test_config_set_refuses_the_names_the_gateway_sets(gw: Gateway) -> None:
+    gw.cli("apps:create", "shop")
+    for name in ("DYNO", "PWD", "TERM"):
+        refused = gw.cli("config:set", "shop", "A=1", f"{name}=x", check=False)
+        assert refused.returncode == 1
+        assert refused.stderr.startswith(f"gateway: {name} is set by the gateway and cannot be")
+        assert "Set" not in refused.stdout
+    assert gw.cli("config", "shop").stdout == ""  # nothing half-set
+
+
 def test_keys_add_list_remove(gw: Gateway, tmp_path: Path) -> None:
     gw.cli("apps:create", "shop")
     pub = Path(f"{gw.client_key}.pub")
@@ -139,6 +149,22 @@ def test_keys_add_list_remove(gw: Gateway, tmp_path: Path) -> None:
     assert gw.cli("keys", "shop").stdout == ""
     gone = gw.cli("keys:remove", "shop", fingerprint, check=False)
     assert gone.returncode == 1
+
+
+def test_keys_add_given_a_private_key_says_so(gw: Gateway, tmp_path: Path) -> None:
+    gw.cli("apps:create", "shop")
+    private = gw.cli("keys:add", "shop", str(gw.client_key), check=False)
+    assert private.returncode == 1
+    key = gw.client_key
+    assert private.stderr == f"gateway: {key} is a private key: did you mean {key}.pub?\n"
+    alone = tmp_path / "lone_key"
+    alone.write_bytes(gw.client_key.read_bytes())  # no .pub next to it
+    private = gw.cli("keys:add", "shop", str(alone), check=False)
+    assert private.returncode == 1
+    assert private.stderr.startswith(f"gateway: {alone}: this is a private key")
+    assert "ssh-keygen -y -f" in private.stderr
+    assert "PRIVATE" not in private.stderr + private.stdout  # its text is never echoed
+    assert gw.cli("keys", "shop").stdout == ""
 
 
 def test_host_keys_are_private_printed_and_never_replaced(gw: Gateway) -> None:
