@@ -47,6 +47,17 @@ def test_run_detached_returns_at_once_and_logs_its_output(gateway: Gateway) -> N
     assert "run.1" not in gateway.ssh(app, "run:list").stdout.decode()
 
 
+def test_run_with_one_quoted_word_runs_its_text_but_a_plain_command_is_left_alone(
+    gateway: Gateway,
+) -> None:
+    app = gateway.new_app()
+    assert gateway.ssh(app, "run 'echo a; echo b'").stdout == b"a\nb\n"
+    assert gateway.ssh(app, 'run -e X=1 -- "echo \\"$X  2\\""').stdout == b"1  2\n"
+    # A plain command is the user's own shell text, exactly as OpenSSH's sshd runs it.
+    plain = gateway.ssh(app, "'echo a; echo b'")
+    assert plain.returncode == 127 and b"command not found" in plain.stderr
+
+
 def test_run_with_options_sets_size_and_env(gateway: Gateway) -> None:
     app = gateway.new_app()
     result = gateway.ssh(
