@@ -543,7 +543,7 @@ def demo(args: argparse.Namespace, config: Config) -> int:
         pack_dir(sample, slug)
         ns = argparse.Namespace(app=DEMO_APP, slug=slug, json=False)
         releases_create(ns, config)
-    host, port = config.ssh.host_port
+    host, port = config.ssh.public_address
     known_hosts = config.keys_dir / "known_hosts"
     ensure_host_keys(config.keys_dir)
     host_key = public_key(config.keys_dir / "ssh_host_ed25519_key")

@@ -9,6 +9,7 @@ directory when there is no file).
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -20,6 +21,10 @@ NETWORKS = ("outbound", "none", "host")
 DEFAULT_STACK = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
 
 
+# Addresses that mean "every interface": no use as the host a client connects to.
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
+
+
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the key and file."""
 
@@ -27,6 +32,11 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class SSHSettings:
     listen: str = "127.0.0.1:2222"
+    # What users type to reach `listen` (printed in hints such as run:detached's): ""
+    # means the listen host, or this machine's name when that is a wildcard; 0 means
+    # the listen port.
+    public_host: str = ""
+    public_port: int = 0
     # Seconds between server keepalives, and how many may go unanswered.
     keepalive_interval: int = 15
     keepalive_count_max: int = 4
@@ -46,6 +56,17 @@ class SSHSettings:
     @property
     def host_port(self) -> tuple[str, int]:
         return split_listen(self.listen)
+
+    @property
+    def public_address(self) -> tuple[str, int]:
+        """The host and port users connect to: `public_host`/`public_port`, else the
+        listen address, with this machine's name standing in for a wildcard host."""
+        host, port = self.host_port
+        if self.public_host:
+            host = self.public_host
+        elif host in WILDCARD_HOSTS:
+            host = socket.getfqdn()
+        return host, self.public_port or port
 
 
 @dataclass(frozen=True)
@@ -254,6 +275,8 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
             split_listen(value)
         except ValueError as exc:
             raise ConfigError(f"{source}: {key!r}: {exc}") from None
+    if not 0 <= config.ssh.public_port <= 65535:
+        raise ConfigError(f"{source}: 'ssh.public_port' must be a port number (0: the listen port)")
     base = base or Path.cwd()
     try:
         startups = [int(part) for part in config.ssh.max_startups.split(":")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,16 @@ def test_defaults() -> None:
     assert (config.dynos.idle_timeout, config.dynos.max_lifetime) == (3600, 86400)
     assert (config.dynos.stop_grace, config.dynos.sandbox) == (30, "auto")
     assert config.state_dir == (Path.cwd() / "state").resolve()
+
+
+def test_public_ssh_address_is_what_users_type() -> None:
+    assert parse({}).ssh.public_address == ("127.0.0.1", 2222)
+    wildcard = parse({"ssh": {"listen": "0.0.0.0:22"}})
+    assert wildcard.ssh.public_address == (socket.getfqdn(), 22)
+    named = parse({"ssh": {"listen": "0.0.0.0:2222", "public_host": "gw.example.com"}})
+    assert named.ssh.public_address == ("gw.example.com", 2222)
+    forwarded = parse({"ssh": {"public_host": "gw.example.com", "public_port": 22}})
+    assert forwarded.ssh.public_address == ("gw.example.com", 22)
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
@@ -49,6 +60,7 @@ def test_environment_variable_names_the_file(
         ("ssh = 3\n", "'ssh' must be a table"),
         ("state_dir = 3\n", "'state_dir' must be a string"),
         ("[dynos\n", "not valid TOML"),
+        ("[ssh]\npublic_port = 70000\n", "'ssh.public_port' must be a port number"),
     ],
 )
 def test_bad_settings_name_the_key_and_file(tmp_path: Path, text: str, message: str) -> None:

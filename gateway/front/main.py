@@ -39,6 +39,7 @@ async def serve(
         "banner": config.dynos.banner,
         "idle_timeout": config.dynos.idle_timeout,
         "accept_env": config.ssh.accept_env,
+        "public_address": config.ssh.public_address,
     }
     limits = PreAuthLimits(config.ssh)
     server = await asyncssh.create_server(
