@@ -423,6 +423,17 @@ def _front_argv(args: argparse.Namespace) -> list[str]:
     return [*argv, "_front"]
 
 
+def where_state_lives(config: Config) -> str:
+    """`state in /x/state, keys in /x/keys (from FILE)`: said at start and by `gateway
+    check`, since without a config file the answer is not obvious (config.default_home)."""
+    if config.source == "<defaults>":
+        home, why = config_module.default_home()
+        origin = f"built-in defaults; {home} is {why}"
+    else:
+        origin = f"from {config.source}"
+    return f"state in {config.state_dir}, keys in {config.keys_dir} ({origin})"
+
+
 def _start(config: Config, args: argparse.Namespace, on_ready: Callable[[], None]) -> int:
     from gateway.manager.main import run
 
@@ -438,6 +449,7 @@ def _start(config: Config, args: argparse.Namespace, on_ready: Callable[[], None
 
 @command("serve", "run the gateway (SSH front and dyno manager)")
 def serve(args: argparse.Namespace, config: Config) -> int:
+    print(f"gateway: {where_state_lives(config)}", file=sys.stderr, flush=True)
     host, port = config.ssh.host_port
 
     def ready() -> None:
@@ -462,7 +474,15 @@ def check(args: argparse.Namespace, config: Config) -> int:
     """For operators and for systemd (ExecStartPre): every line says what was checked."""
     from gateway.manager.main import SandboxUnavailable, choose_sandbox
 
-    results: list[tuple[bool, str]] = [(True, f"config: {config.source}")]
+    results: list[tuple[bool, str]] = [
+        (
+            True,
+            "config: no file, built-in defaults (--config FILE or $GATEWAY_CONFIG names one)"
+            if config.source == "<defaults>"
+            else f"config: {config.source}",
+        ),
+        (True, where_state_lives(config)),
+    ]
     for name in HOST_KEY_NAMES:
         path = config.keys_dir / name
         if not path.exists():
@@ -529,6 +549,7 @@ DEMO_APP = "demo"
 
 @command("demo", "serve with a sample app and a generated client key; prints the ssh line")
 def demo(args: argparse.Namespace, config: Config) -> int:
+    print(f"gateway: {where_state_lives(config)}", file=sys.stderr, flush=True)
     store = _store(config)
     if store.get_app(DEMO_APP) is None:
         store.create_app(DEMO_APP)
@@ -610,7 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gateway", description="SSH gateway for one-off dynos (what `heroku run` gives)."
     )
     parser.add_argument(
-        "--config", type=Path, help="TOML settings file (default: $GATEWAY_CONFIG, else built-in)"
+        "--config",
+        type=Path,
+        help="TOML settings file (default: $GATEWAY_CONFIG, else the built-in defaults, "
+        "with state and keys under $GATEWAY_HOME or the checkout; gateway check says where)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (handler, help_text, add_arguments) in COMMANDS.items():

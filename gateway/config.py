@@ -2,8 +2,8 @@
 
 Unknown keys and wrong types are errors that name the key and the file, because a
 misspelt `idle_timout` silently ignored is a production incident waiting to happen.
-Relative paths are taken relative to the config file's directory (or the working
-directory when there is no file).
+Relative paths are taken relative to the config file's directory; without a file,
+relative to `default_home()`, never to the working directory.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ NETWORKS = ("outbound", "none", "host")
 DEFAULT_STACK = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
 
 
+# Names the directory that holds state/ and keys/ when no config file is given.
+HOME_ENV = "GATEWAY_HOME"
 # Addresses that mean "every interface": no use as the host a client connects to.
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
 
@@ -277,7 +279,7 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
             raise ConfigError(f"{source}: {key!r}: {exc}") from None
     if not 0 <= config.ssh.public_port <= 65535:
         raise ConfigError(f"{source}: 'ssh.public_port' must be a port number (0: the listen port)")
-    base = base or Path.cwd()
+    base = base or default_home()[0]
     try:
         startups = [int(part) for part in config.ssh.max_startups.split(":")]
         if len(startups) != 3 or not 0 < startups[0] <= startups[2] or not 0 <= startups[1] <= 100:
@@ -296,8 +298,34 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
     )
 
 
+def default_home(package: Path = Path(__file__)) -> tuple[Path, str]:
+    """The directory holding `state/` and `keys/` when no config file names them, and
+    why that one (for `gateway check` and the start-up line):
+
+    1. `$GATEWAY_HOME` (./dev sets it to its checkout);
+    2. the source checkout `package` belongs to (a checkout has `pyproject.toml` and
+       `dev` next to `gateway/`), where ./dev demo has always put them;
+    3. `$XDG_STATE_HOME/gateway`, by default `~/.local/state/gateway`, for an installed
+       package.
+
+    Never the working directory: `gateway apps` must mean the same from anywhere."""
+    named = os.environ.get(HOME_ENV)
+    if named:
+        return Path(named).resolve(), f"${HOME_ENV}"
+    checkout = package.resolve().parent.parent
+    try:
+        in_checkout = (checkout / "pyproject.toml").is_file() and (checkout / "dev").is_file()
+    except OSError:  # not ours to look into
+        in_checkout = False
+    if in_checkout:
+        return checkout, "the checkout the gateway runs from"
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg).resolve() / "gateway", "the per-user state directory ($XDG_STATE_HOME)"
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load the config from `path`, else `$GATEWAY_CONFIG`, else the built-in defaults."""
+    """Load the config from `path`, else `$GATEWAY_CONFIG`, else the built-in defaults
+    (with paths under `default_home()`)."""
     if path is None:
         path = os.environ.get("GATEWAY_CONFIG") or None
     if path is None:

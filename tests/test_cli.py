@@ -6,6 +6,8 @@ import io
 import json
 import os
 import stat
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,3 +195,35 @@ def test_check_reports_each_part_and_fails_on_a_taken_port(gw: Gateway) -> None:
     assert busy.returncode == 1
     assert f"FAIL ssh.listen 127.0.0.1:{gw.port}: cannot listen" in busy.stdout
     gw.stop()
+
+
+def test_check_says_where_state_lives(gw: Gateway) -> None:
+    lines = gw.cli("check").stdout.splitlines()
+    assert lines[1] == (
+        f"ok   state in {gw.state_dir}, keys in {gw.root / 'keys'} (from {gw.config_path})"
+    )
+
+
+def _gateway_cli(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """`gateway ARGS` with no config file, run from `cwd`."""
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
+    env["GATEWAY_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_without_a_config_file_every_directory_sees_the_same_state(tmp_path: Path) -> None:
+    home, here, there = tmp_path / "home", tmp_path / "here", tmp_path / "there"
+    for directory in (home, here, there):
+        directory.mkdir()
+    assert _gateway_cli("apps:create", "shop", cwd=here, home=home).returncode == 0
+    assert _gateway_cli("apps", cwd=there, home=home).stdout == "shop\n"
+    assert (home / "state" / "gateway.db").exists()
+    assert not any(here.iterdir()) and not any(there.iterdir())  # no stray state/
+    check = _gateway_cli("check", cwd=there, home=home).stdout.splitlines()
+    assert check[1] == (
+        f"ok   state in {home / 'state'}, keys in {home / 'keys'} "
+        f"(built-in defaults; {home} is $GATEWAY_HOME)"
+    )

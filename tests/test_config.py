@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load, parse
+from gateway.config import ConfigError, default_home, load, parse
+from tests.conftest import REPO
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -16,12 +17,33 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_defaults() -> None:
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GATEWAY_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)  # the working directory plays no part
     config = parse({})
     assert config.ssh.listen == "127.0.0.1:2222"
     assert (config.dynos.idle_timeout, config.dynos.max_lifetime) == (3600, 86400)
     assert (config.dynos.stop_grace, config.dynos.sandbox) == (30, "auto")
-    assert config.state_dir == (Path.cwd() / "state").resolve()
+    assert config.state_dir == REPO / "state"  # the checkout the gateway runs from
+    assert config.keys_dir == REPO / "keys"
+    assert default_home() == (REPO, "the checkout the gateway runs from")
+
+
+def test_without_a_file_gateway_home_or_the_user_state_dir_holds_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    monkeypatch.setenv("GATEWAY_HOME", str(tmp_path / "home"))
+    assert load().state_dir == tmp_path / "home" / "state"
+    assert load().keys_dir == tmp_path / "home" / "keys"
+    # An installed package (no checkout around it): $XDG_STATE_HOME/gateway.
+    monkeypatch.delenv("GATEWAY_HOME")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    installed = tmp_path / "site-packages" / "gateway" / "config.py"
+    assert default_home(installed)[0] == tmp_path / "xdg" / "gateway"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    assert default_home(installed)[0] == tmp_path / "user" / ".local" / "state" / "gateway"
 
 
 def test_public_ssh_address_is_what_users_type() -> None:
