@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import stat
@@ -420,7 +421,10 @@ def _front_argv(args: argparse.Namespace) -> list[str]:
     argv = [sys.executable, "-m", "gateway"]
     if args.config:
         argv += ["--config", str(args.config)]
-    return [*argv, "_front"]
+    argv.append("_front")
+    if getattr(args, "port_base", None) is not None:
+        argv += ["--port-base", str(args.port_base)]
+    return argv
 
 
 def where_state_lives(config: Config) -> str:
@@ -434,7 +438,18 @@ def where_state_lives(config: Config) -> str:
     return f"state in {config.state_dir}, keys in {config.keys_dir} ({origin})"
 
 
-def _start(config: Config, args: argparse.Namespace, on_ready: Callable[[], None]) -> int:
+def _config_file_hint(config: Config, key: str, command: str) -> str:
+    if config.source == "<defaults>":
+        return f"set {key} in a config file (gateway --config FILE {command})"
+    return f"set {key} in {config.source}"
+
+
+def _start(
+    config: Config,
+    args: argparse.Namespace,
+    on_ready: Callable[[], None],
+    how_to_move: Callable[[str], str],
+) -> int:
     from gateway.manager.main import run
 
     _setup_logging()
@@ -444,7 +459,7 @@ def _start(config: Config, args: argparse.Namespace, on_ready: Callable[[], None
         print(f"host key {key.key_type} {key.fingerprint}", file=sys.stderr)
     if config.rendezvous.listen:
         ensure_rendezvous_cert(config.keys_dir, config.rendezvous.san)
-    return run(config, _front_argv(args), on_ready)
+    return run(config, _front_argv(args), on_ready, how_to_move)
 
 
 @command("serve", "run the gateway (SSH front and dyno manager)")
@@ -455,18 +470,30 @@ def serve(args: argparse.Namespace, config: Config) -> int:
     def ready() -> None:
         print(f"gateway: SSH listening on {host}:{port}", file=sys.stderr, flush=True)
 
-    return _start(config, args, ready)
+    def how_to_move(table: str) -> str:
+        return _config_file_hint(config, f"[{table}] listen", "serve")
+
+    return _start(config, args, ready, how_to_move)
 
 
-@command("_front", argparse.SUPPRESS)
+def port_base_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--port-base",
+        type=int,
+        metavar="N",
+        help="listen on ports N (SSH), N+1 (rendezvous), N+2 (API), N+3 (metrics) "
+        "instead of the configured ones",
+    )
+
+
+@command("_front", argparse.SUPPRESS, port_base_arg)
 def front(args: argparse.Namespace, config: Config) -> int:
     from gateway.front.main import run
 
     _setup_logging()
     ready = os.environ.pop("GATEWAY_READY_FD", None)
     lifeline = os.environ.pop("GATEWAY_LIFELINE_FD", None)
-    run(config, int(ready) if ready else None, int(lifeline) if lifeline else None)
-    return 0
+    return run(config, int(ready) if ready else None, int(lifeline) if lifeline else None)
 
 
 @command("check", "check config, keys, sandbox, state DB and ports; exit 1 on a problem")
@@ -547,7 +574,11 @@ def _port_free(key: str, listen: str) -> tuple[bool, str]:
 DEMO_APP = "demo"
 
 
-@command("demo", "serve with a sample app and a generated client key; prints the ssh line")
+@command(
+    "demo",
+    "serve with a sample app and a generated client key; prints the ssh line",
+    port_base_arg,
+)
 def demo(args: argparse.Namespace, config: Config) -> int:
     print(f"gateway: {where_state_lives(config)}", file=sys.stderr, flush=True)
     store = _store(config)
@@ -569,9 +600,10 @@ def demo(args: argparse.Namespace, config: Config) -> int:
     ensure_host_keys(config.keys_dir)
     host_key = public_key(config.keys_dir / "ssh_host_ed25519_key")
     known_hosts.write_text(f"[{host}]:{port} {host_key.key_type} {_b64(host_key)}\n")
+    # Absolute paths, so the lines work from any directory.
     ssh = (
-        f"ssh -i {_short(client_key)} -o UserKnownHostsFile={_short(known_hosts)} "
-        f"-p {port} {DEMO_APP}@{host}"
+        f"ssh -i {shlex.quote(str(client_key))} "
+        f"-o UserKnownHostsFile={shlex.quote(str(known_hosts))} -p {port} {DEMO_APP}@{host}"
     )
 
     def ready() -> None:
@@ -585,18 +617,17 @@ def demo(args: argparse.Namespace, config: Config) -> int:
             flush=True,
         )
 
-    return _start(config, args, ready)
+    def how_to_move(table: str) -> str:
+        return (
+            "move all four listeners with --port-base N (SSH on N, the others on N+1 to N+3), "
+            f"or {_config_file_hint(config, f'[{table}] listen', 'demo')}"
+        )
+
+    return _start(config, args, ready, how_to_move)
 
 
 def _b64(key: Any) -> str:
     return key.line.split()[1]
-
-
-def _short(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def pack_dir(app_dir: Path, out: Path) -> None:
@@ -649,6 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_module.load(args.config)
+        if getattr(args, "port_base", None) is not None:
+            config = config_module.with_port_base(config, args.port_base)
         return args.handler(args, config)
     except (UserError, ConfigError, StoreError, InvalidName) as exc:
         print(f"gateway: {exc}", file=sys.stderr)

@@ -23,6 +23,8 @@ DEFAULT_STACK = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
 
 # Names the directory that holds state/ and keys/ when no config file is given.
 HOME_ENV = "GATEWAY_HOME"
+# `gateway demo --port-base N` puts the listeners on N, N+1, N+2, N+3, in this order.
+PORT_BASE_ORDER = ("ssh", "rendezvous", "api", "metrics")
 # Addresses that mean "every interface": no use as the host a client connects to.
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
 
@@ -321,6 +323,23 @@ def default_home(package: Path = Path(__file__)) -> tuple[Path, str]:
         return checkout, "the checkout the gateway runs from"
     xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(xdg).resolve() / "gateway", "the per-user state directory ($XDG_STATE_HOME)"
+
+
+def with_port_base(config: Config, base: int) -> Config:
+    """`config` with its enabled listeners moved to ports base, base+1, ... in
+    PORT_BASE_ORDER, each on its configured host (`gateway demo --port-base`)."""
+    if not 1 <= base <= 65535 - len(PORT_BASE_ORDER) + 1:
+        raise ConfigError(
+            f"--port-base must be from 1 to {65535 - len(PORT_BASE_ORDER) + 1}, got {base}"
+        )
+    changes = {}
+    for offset, table in enumerate(PORT_BASE_ORDER):
+        settings = getattr(config, table)
+        if settings.listen:
+            host, _ = split_listen(settings.listen)
+            shown = f"[{host}]" if ":" in host else host
+            changes[table] = replace(settings, listen=f"{shown}:{base + offset}")
+    return replace(config, **changes)
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Gateway, _gateway, make_slug
+from tests.conftest import Gateway, _gateway, free_port, make_slug
 
 
 @pytest.fixture
@@ -227,3 +229,116 @@ def test_without_a_config_file_every_directory_sees_the_same_state(tmp_path: Pat
         f"ok   state in {home / 'state'}, keys in {home / 'keys'} "
         f"(built-in defaults; {home} is $GATEWAY_HOME)"
     )
+
+
+LISTENERS = ("ssh", "rendezvous", "api", "metrics")
+
+
+def _port_of(gw: Gateway, table: str) -> int:
+    return {
+        "ssh": gw.port,
+        "rendezvous": gw.rendezvous_port,
+        "api": gw.api_port,
+        "metrics": gw.metrics_port,
+    }[table]
+
+
+def _occupied(port: int) -> socket.socket:
+    """A listening socket on `port`, as another program would hold it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("table", LISTENERS)
+def test_a_taken_port_names_its_listener_and_how_to_move_it(gw: Gateway, table: str) -> None:
+    port = _port_of(gw, table)
+    with _occupied(port):
+        result = gw.cli("serve", check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"gateway: [{table}] listen 127.0.0.1:{port}: address already in use; "
+        f"set [{table}] listen in {gw.config_path}"
+    )
+    assert "Traceback" not in result.stderr and "front exited" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("192.0.2.1", "cannot assign requested address"),  # TEST-NET-1: not on this host
+        ("no-such-host.invalid", ""),  # the resolver's own words
+    ],
+)
+def test_a_listen_address_not_on_this_host_is_named(gw: Gateway, host: str, reason: str) -> None:
+    text = gw.config_path.read_text()
+    gw.config_path.write_text(text.replace(f"127.0.0.1:{gw.port}", f"{host}:{gw.port}"))
+    result = gw.cli("serve", check=False)
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"gateway: [ssh] listen {host}:{gw.port}: {reason}"), last
+    assert last.endswith(f"; set [ssh] listen in {gw.config_path}")
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_on_a_taken_port_tells_of_port_base(gw: Gateway) -> None:
+    with _occupied(gw.api_port):
+        result = gw.cli("demo", check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"gateway: [api] listen 127.0.0.1:{gw.api_port}: address already in use; "
+        "move all four listeners with --port-base N (SSH on N, the others on N+1 to N+3), "
+        f"or set [api] listen in {gw.config_path}"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def _free_run_of_ports(count: int) -> int:
+    """The first of `count` consecutive free loopback ports."""
+    for _ in range(50):
+        base = free_port()
+        if base + count <= 65535 and all(_bindable(base + i) for i in range(count)):
+            return base
+    raise AssertionError(f"no {count} consecutive free ports found")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_demo_port_base_moves_its_ports_and_prints_lines_that_work_anywhere(
+    gw: Gateway, tmp_path: Path
+) -> None:
+    base = _free_run_of_ports(4)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--config", str(gw.config_path), "demo",
+         "--port-base", str(base)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert demo.stderr is not None
+        for line in demo.stderr:
+            lines.append(line.rstrip())
+            if "Ctrl-C here stops the gateway" in line:
+                break
+        ssh_line = next(line.strip() for line in lines if line.strip().startswith("ssh "))
+        assert f" -p {base} demo@127.0.0.1" in ssh_line
+        for port in range(base + 1, base + 4):  # rendezvous, API, metrics
+            assert not _bindable(port), port
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        result = subprocess.run(
+            ["sh", "-c", ssh_line], cwd=elsewhere, capture_output=True, timeout=60,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert (result.returncode, result.stdout) == (0, b"hello from run.1\n"), result.stderr
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(30) == 0, "\n".join(lines)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, default_home, load, parse
+from gateway.config import ConfigError, default_home, load, parse, with_port_base
 from tests.conftest import REPO
 
 
@@ -44,6 +44,19 @@ def test_without_a_file_gateway_home_or_the_user_state_dir_holds_state(
     monkeypatch.delenv("XDG_STATE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
     assert default_home(installed)[0] == tmp_path / "user" / ".local" / "state" / "gateway"
+
+
+def test_port_base_moves_every_enabled_listener() -> None:
+    config = with_port_base(parse({"metrics": {"listen": ""}}), 3000)
+    assert config.ssh.listen == "127.0.0.1:3000"
+    assert config.rendezvous.listen == "127.0.0.1:3001"
+    assert config.api.listen == "127.0.0.1:3002"
+    assert config.metrics.listen == ""  # off stays off
+    v6 = with_port_base(parse({"ssh": {"listen": "[::1]:22"}}), 4000)
+    assert v6.ssh.host_port == ("::1", 4000)
+    for bad in (0, 65533):
+        with pytest.raises(ConfigError, match="--port-base must be from 1 to 65532"):
+            with_port_base(parse({}), bad)
 
 
 def test_public_ssh_address_is_what_users_type() -> None:

@@ -103,9 +103,12 @@ def test_readme_demo_command_prints_an_ssh_line_that_works(tmp_path: Path) -> No
     try:
         assert ready.wait(120), "\n".join(lines)
         ssh_line = next(line.strip() for line in lines if line.strip().startswith("ssh "))
+        assert f"-i {checkout}/keys/demo_client_ed25519 " in ssh_line  # this copy's own keys
+        elsewhere = tmp_path / "elsewhere"  # the printed line works from any directory
+        elsewhere.mkdir()
         result = subprocess.run(
             ["sh", "-c", ssh_line],
-            cwd=checkout,
+            cwd=elsewhere,
             capture_output=True,
             timeout=60,
             stdin=subprocess.DEVNULL,

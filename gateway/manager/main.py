@@ -8,11 +8,12 @@ closes) and the service manager restarts it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -23,10 +24,20 @@ from gateway.manager.supervisor import Manager
 from gateway.store import Store
 
 log = logging.getLogger("gateway.manager")
+# What the front writes on its ready pipe once it listens (gateway/front/main.py READY).
+READY = b"ready\n"
 
 
 class FrontDied(Exception):
     pass
+
+
+class ListenerUnavailable(FrontDied):
+    """The front could not open a listener: which `[table] listen`, and why."""
+
+    def __init__(self, table: str, listen: str, reason: str) -> None:
+        super().__init__(f"[{table}] listen {listen}: {reason}")
+        self.table = table
 
 
 class SandboxUnavailable(Exception):
@@ -108,8 +119,15 @@ class Front:
         self._process = front
         try:
             async with trio.lowlevel.FdStream(ready_r) as ready:
-                if not await ready.receive_some(16):
-                    raise FrontDied(f"the SSH front exited at start (status {await front.wait()})")
+                said = await _read_line(ready)
+            if said != READY:
+                status = await front.wait()
+                try:
+                    failure = json.loads(said)
+                    table, listen, reason = (str(failure[k]) for k in ("table", "listen", "reason"))
+                except (ValueError, KeyError, TypeError):
+                    raise FrontDied(f"the SSH front exited at start (status {status})") from None
+                raise ListenerUnavailable(table, listen, reason)
             task_status.started()
             status = await front.wait()
             self.exited.set()
@@ -132,12 +150,43 @@ class Front:
             await self.exited.wait()
 
 
-def run(config: Config, front_argv: list[str], on_ready: Callable[[], None]) -> int:
-    failures: list[BaseException] = []
+async def _read_line(stream: trio.lowlevel.FdStream, limit: int = 4096) -> bytes:
+    """Bytes up to and including the first newline, or all there were before EOF."""
+    data = b""
+    while b"\n" not in data and len(data) < limit:
+        chunk = await stream.receive_some(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def run(
+    config: Config,
+    front_argv: list[str],
+    on_ready: Callable[[], None],
+    how_to_move: Callable[[str], str] = lambda table: "",
+) -> int:
+    """Serve until stopped; the exit status. Failures are one line each on stderr, no
+    traceback; a listener that cannot be opened comes with `how_to_move(table)`."""
+    failures: list[str] = []
     try:
         trio.run(serve, config, front_argv, on_ready)
+    except* ListenerUnavailable as group:
+        for exc in _leaves(group):
+            hint = how_to_move(exc.table) if isinstance(exc, ListenerUnavailable) else ""
+            failures.append(f"{exc}; {hint}" if hint else str(exc))
     except* (FrontDied, SandboxUnavailable) as group:
-        failures.extend(group.exceptions)
-    for exc in failures:
-        print(f"gateway: {exc}", file=sys.stderr)
+        failures.extend(str(exc) for exc in _leaves(group))
+    for line in failures:
+        print(f"gateway: {line}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    """The exceptions in `group` and in the groups nested in it."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
