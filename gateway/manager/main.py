@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import trio
 
@@ -44,24 +44,56 @@ class SandboxUnavailable(Exception):
     pass
 
 
+class StoppedNow(Exception):
+    """A second SIGINT or SIGTERM during a graceful shutdown: stop without waiting."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], None]) -> None:
-    store = Store(config.db_path)
-    sandbox = choose_sandbox(config)
-    manager = Manager(config, store, sandbox)
-    front = Front(front_argv)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(manager.serve)
-        await nursery.start(front.run)
-        on_ready()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("stopping on %s", signal.Signals(signum).name)
-                break
-        # The front stops accepting, tells attached clients, drains, then hangs them up
-        # (their dynos get SIGHUP); what still runs after that is stopped as run:stop does.
-        await front.stop(config.shutdown.drain_timeout + 5)
-        await manager.stop_all()
-        nursery.cancel_scope.cancel()
+    # Signals are ours from the start, so that Ctrl-C never surfaces as a
+    # KeyboardInterrupt in the middle of a task.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        store = Store(config.db_path)
+        sandbox = choose_sandbox(config)
+        manager = Manager(config, store, sandbox)
+        front = Front(front_argv)
+        stopping = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, signals, stopping, front)
+            await nursery.start(manager.serve)
+            await nursery.start(front.run)
+            on_ready()
+            await stopping.wait()
+            # The front stops accepting, tells attached clients and gives them
+            # drain_timeout to end, then hangs them up (their dynos get SIGHUP); what
+            # still runs after that is stopped as run:stop does (SIGTERM, stop_grace,
+            # SIGKILL). So a shutdown can take drain_timeout + stop_grace, plus a few
+            # seconds of slack at each step; a second signal cuts it short.
+            await front.stop(config.shutdown.drain_timeout + 5)
+            await manager.stop_all()
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(signals: AsyncIterator[int], stopping: trio.Event, front: Front) -> None:
+    """The first SIGINT or SIGTERM starts the graceful shutdown; a second one stops now:
+    the front is killed (every connection drops, attached dynos get SIGHUP) and
+    StoppedNow cancels the rest, so each dyno gets SIGTERM and, a second later, SIGKILL."""
+    first = True
+    async for signum in signals:
+        if first:
+            first = False
+            log.info("stopping on %s", signal.Signals(signum).name)
+            stopping.set()
+            continue
+        name = signal.Signals(signum).name
+        what = "interrupt" if signum == signal.SIGINT else name
+        # One line, as the user's answer (the log goes to the same stderr).
+        print(f"gateway: second {what}, stopping now", file=sys.stderr, flush=True)
+        front.kill()
+        raise StoppedNow(signum)
 
 
 def choose_sandbox(config: Config) -> Sandbox:
@@ -141,6 +173,12 @@ class Front:
                     await front.wait()
                 front.kill()
 
+    def kill(self) -> None:
+        """SIGKILL, no drain: for a second interrupt."""
+        self.stopping = True
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+
     async def stop(self, timeout: float) -> None:
         """SIGTERM (the front drains) and wait for it to exit, at most `timeout` seconds."""
         self.stopping = True
@@ -168,10 +206,16 @@ def run(
     how_to_move: Callable[[str], str] = lambda table: "",
 ) -> int:
     """Serve until stopped; the exit status. Failures are one line each on stderr, no
-    traceback; a listener that cannot be opened comes with `how_to_move(table)`."""
+    traceback; a listener that cannot be opened comes with `how_to_move(table)`.
+    Stopped now by a second signal: 128 + its number, as a shell reports a kill."""
     failures: list[str] = []
+    status = 0
     try:
         trio.run(serve, config, front_argv, on_ready)
+    except* StoppedNow as group:
+        for exc in _leaves(group):
+            if isinstance(exc, StoppedNow):
+                status = 128 + exc.signum
     except* ListenerUnavailable as group:
         for exc in _leaves(group):
             hint = how_to_move(exc.table) if isinstance(exc, ListenerUnavailable) else ""
@@ -180,7 +224,7 @@ def run(
         failures.extend(str(exc) for exc in _leaves(group))
     for line in failures:
         print(f"gateway: {line}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if failures else status
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
