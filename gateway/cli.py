@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import stat
@@ -25,7 +26,7 @@ from gateway.audit import AuditLog
 from gateway.config import Config, ConfigError, split_listen
 from gateway.core.authorized_keys import BadKey, parse_text
 from gateway.core.commands import format_ps
-from gateway.core.names import InvalidName, check_app_name, check_config_key
+from gateway.core.names import InvalidName, check_app_name, check_config_var
 from gateway.keys import HOST_KEY_NAMES, ensure_host_keys, public_key, write_key_pair
 from gateway.manager_client import ManagerUnreachable, request
 from gateway.store import Store, StoreError
@@ -214,7 +215,7 @@ def config_set(args: argparse.Namespace, config: Config) -> int:
         key, sep, value = pair.partition("=")
         if not sep:
             raise UserError(f"{pair!r} is not KEY=VALUE")
-        values[check_config_key(key)] = value
+        values[check_config_var(key)] = value
     _store(config).set_config(args.app, values)
     _audit(config, "config_set", app=args.app, keys=sorted(values))  # never the values
     print(f"Set {', '.join(values)} on {args.app}")
@@ -257,6 +258,9 @@ def keys_add(args: argparse.Namespace, config: Config) -> int:
     try:
         keys = parse_text(text)
     except BadKey as exc:
+        public = Path(f"{args.file}.pub")
+        if str(args.file) != "-" and "private key" in str(exc) and public.is_file():
+            raise UserError(f"{args.file} is a private key: did you mean {public}?") from None
         raise UserError(f"{args.file}: {exc}") from None
     store = _store(config)
     for key in keys:
@@ -417,10 +421,35 @@ def _front_argv(args: argparse.Namespace) -> list[str]:
     argv = [sys.executable, "-m", "gateway"]
     if args.config:
         argv += ["--config", str(args.config)]
-    return [*argv, "_front"]
+    argv.append("_front")
+    if getattr(args, "port_base", None) is not None:
+        argv += ["--port-base", str(args.port_base)]
+    return argv
 
 
-def _start(config: Config, args: argparse.Namespace, on_ready: Callable[[], None]) -> int:
+def where_state_lives(config: Config) -> str:
+    """`state in /x/state, keys in /x/keys (from FILE)`: said at start and by `gateway
+    check`, since without a config file the answer is not obvious (config.default_home)."""
+    if config.source == "<defaults>":
+        home, why = config_module.default_home()
+        origin = f"built-in defaults; {home} is {why}"
+    else:
+        origin = f"from {config.source}"
+    return f"state in {config.state_dir}, keys in {config.keys_dir} ({origin})"
+
+
+def _config_file_hint(config: Config, key: str, command: str) -> str:
+    if config.source == "<defaults>":
+        return f"set {key} in a config file (gateway --config FILE {command})"
+    return f"set {key} in {config.source}"
+
+
+def _start(
+    config: Config,
+    args: argparse.Namespace,
+    on_ready: Callable[[], None],
+    how_to_move: Callable[[str], str],
+) -> int:
     from gateway.manager.main import run
 
     _setup_logging()
@@ -430,28 +459,41 @@ def _start(config: Config, args: argparse.Namespace, on_ready: Callable[[], None
         print(f"host key {key.key_type} {key.fingerprint}", file=sys.stderr)
     if config.rendezvous.listen:
         ensure_rendezvous_cert(config.keys_dir, config.rendezvous.san)
-    return run(config, _front_argv(args), on_ready)
+    return run(config, _front_argv(args), on_ready, how_to_move)
 
 
 @command("serve", "run the gateway (SSH front and dyno manager)")
 def serve(args: argparse.Namespace, config: Config) -> int:
+    print(f"gateway: {where_state_lives(config)}", file=sys.stderr, flush=True)
     host, port = config.ssh.host_port
 
     def ready() -> None:
         print(f"gateway: SSH listening on {host}:{port}", file=sys.stderr, flush=True)
 
-    return _start(config, args, ready)
+    def how_to_move(table: str) -> str:
+        return _config_file_hint(config, f"[{table}] listen", "serve")
+
+    return _start(config, args, ready, how_to_move)
 
 
-@command("_front", argparse.SUPPRESS)
+def port_base_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--port-base",
+        type=int,
+        metavar="N",
+        help="listen on ports N (SSH), N+1 (rendezvous), N+2 (API), N+3 (metrics) "
+        "instead of the configured ones",
+    )
+
+
+@command("_front", argparse.SUPPRESS, port_base_arg)
 def front(args: argparse.Namespace, config: Config) -> int:
     from gateway.front.main import run
 
     _setup_logging()
     ready = os.environ.pop("GATEWAY_READY_FD", None)
     lifeline = os.environ.pop("GATEWAY_LIFELINE_FD", None)
-    run(config, int(ready) if ready else None, int(lifeline) if lifeline else None)
-    return 0
+    return run(config, int(ready) if ready else None, int(lifeline) if lifeline else None)
 
 
 @command("check", "check config, keys, sandbox, state DB and ports; exit 1 on a problem")
@@ -459,7 +501,15 @@ def check(args: argparse.Namespace, config: Config) -> int:
     """For operators and for systemd (ExecStartPre): every line says what was checked."""
     from gateway.manager.main import SandboxUnavailable, choose_sandbox
 
-    results: list[tuple[bool, str]] = [(True, f"config: {config.source}")]
+    results: list[tuple[bool, str]] = [
+        (
+            True,
+            "config: no file, built-in defaults (--config FILE or $GATEWAY_CONFIG names one)"
+            if config.source == "<defaults>"
+            else f"config: {config.source}",
+        ),
+        (True, where_state_lives(config)),
+    ]
     for name in HOST_KEY_NAMES:
         path = config.keys_dir / name
         if not path.exists():
@@ -524,8 +574,13 @@ def _port_free(key: str, listen: str) -> tuple[bool, str]:
 DEMO_APP = "demo"
 
 
-@command("demo", "serve with a sample app and a generated client key; prints the ssh line")
+@command(
+    "demo",
+    "serve with a sample app and a generated client key; prints the ssh line",
+    port_base_arg,
+)
 def demo(args: argparse.Namespace, config: Config) -> int:
+    print(f"gateway: {where_state_lives(config)}", file=sys.stderr, flush=True)
     store = _store(config)
     if store.get_app(DEMO_APP) is None:
         store.create_app(DEMO_APP)
@@ -540,14 +595,15 @@ def demo(args: argparse.Namespace, config: Config) -> int:
         pack_dir(sample, slug)
         ns = argparse.Namespace(app=DEMO_APP, slug=slug, json=False)
         releases_create(ns, config)
-    host, port = config.ssh.host_port
+    host, port = config.ssh.public_address
     known_hosts = config.keys_dir / "known_hosts"
     ensure_host_keys(config.keys_dir)
     host_key = public_key(config.keys_dir / "ssh_host_ed25519_key")
     known_hosts.write_text(f"[{host}]:{port} {host_key.key_type} {_b64(host_key)}\n")
+    # Absolute paths, so the lines work from any directory.
     ssh = (
-        f"ssh -i {_short(client_key)} -o UserKnownHostsFile={_short(known_hosts)} "
-        f"-p {port} {DEMO_APP}@{host}"
+        f"ssh -i {shlex.quote(str(client_key))} "
+        f"-o UserKnownHostsFile={shlex.quote(str(known_hosts))} -p {port} {DEMO_APP}@{host}"
     )
 
     def ready() -> None:
@@ -561,18 +617,17 @@ def demo(args: argparse.Namespace, config: Config) -> int:
             flush=True,
         )
 
-    return _start(config, args, ready)
+    def how_to_move(table: str) -> str:
+        return (
+            "move all four listeners with --port-base N (SSH on N, the others on N+1 to N+3), "
+            f"or {_config_file_hint(config, f'[{table}] listen', 'demo')}"
+        )
+
+    return _start(config, args, ready, how_to_move)
 
 
 def _b64(key: Any) -> str:
     return key.line.split()[1]
-
-
-def _short(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def pack_dir(app_dir: Path, out: Path) -> None:
@@ -607,7 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gateway", description="SSH gateway for one-off dynos (what `heroku run` gives)."
     )
     parser.add_argument(
-        "--config", type=Path, help="TOML settings file (default: $GATEWAY_CONFIG, else built-in)"
+        "--config",
+        type=Path,
+        help="TOML settings file (default: $GATEWAY_CONFIG, else the built-in defaults, "
+        "with state and keys under $GATEWAY_HOME or the checkout; gateway check says where)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (handler, help_text, add_arguments) in COMMANDS.items():
@@ -622,6 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_module.load(args.config)
+        if getattr(args, "port_base", None) is not None:
+            config = config_module.with_port_base(config, args.port_base)
         return args.handler(args, config)
     except (UserError, ConfigError, StoreError, InvalidName) as exc:
         print(f"gateway: {exc}", file=sys.stderr)

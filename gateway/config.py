@@ -2,13 +2,14 @@
 
 Unknown keys and wrong types are errors that name the key and the file, because a
 misspelt `idle_timout` silently ignored is a production incident waiting to happen.
-Relative paths are taken relative to the config file's directory (or the working
-directory when there is no file).
+Relative paths are taken relative to the config file's directory; without a file,
+relative to `default_home()`, never to the working directory.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -20,6 +21,14 @@ NETWORKS = ("outbound", "none", "host")
 DEFAULT_STACK = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
 
 
+# Names the directory that holds state/ and keys/ when no config file is given.
+HOME_ENV = "GATEWAY_HOME"
+# `gateway demo --port-base N` puts the listeners on N, N+1, N+2, N+3, in this order.
+PORT_BASE_ORDER = ("ssh", "rendezvous", "api", "metrics")
+# Addresses that mean "every interface": no use as the host a client connects to.
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
+
+
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the key and file."""
 
@@ -27,6 +36,11 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class SSHSettings:
     listen: str = "127.0.0.1:2222"
+    # What users type to reach `listen` (printed in hints such as run:detached's): ""
+    # means the listen host, or this machine's name when that is a wildcard; 0 means
+    # the listen port.
+    public_host: str = ""
+    public_port: int = 0
     # Seconds between server keepalives, and how many may go unanswered.
     keepalive_interval: int = 15
     keepalive_count_max: int = 4
@@ -46,6 +60,17 @@ class SSHSettings:
     @property
     def host_port(self) -> tuple[str, int]:
         return split_listen(self.listen)
+
+    @property
+    def public_address(self) -> tuple[str, int]:
+        """The host and port users connect to: `public_host`/`public_port`, else the
+        listen address, with this machine's name standing in for a wildcard host."""
+        host, port = self.host_port
+        if self.public_host:
+            host = self.public_host
+        elif host in WILDCARD_HOSTS:
+            host = socket.getfqdn()
+        return host, self.public_port or port
 
 
 @dataclass(frozen=True)
@@ -254,7 +279,9 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
             split_listen(value)
         except ValueError as exc:
             raise ConfigError(f"{source}: {key!r}: {exc}") from None
-    base = base or Path.cwd()
+    if not 0 <= config.ssh.public_port <= 65535:
+        raise ConfigError(f"{source}: 'ssh.public_port' must be a port number (0: the listen port)")
+    base = base or default_home()[0]
     try:
         startups = [int(part) for part in config.ssh.max_startups.split(":")]
         if len(startups) != 3 or not 0 < startups[0] <= startups[2] or not 0 <= startups[1] <= 100:
@@ -273,8 +300,51 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
     )
 
 
+def default_home(package: Path = Path(__file__)) -> tuple[Path, str]:
+    """The directory holding `state/` and `keys/` when no config file names them, and
+    why that one (for `gateway check` and the start-up line):
+
+    1. `$GATEWAY_HOME` (./dev sets it to its checkout);
+    2. the source checkout `package` belongs to (a checkout has `pyproject.toml` and
+       `dev` next to `gateway/`), where ./dev demo has always put them;
+    3. `$XDG_STATE_HOME/gateway`, by default `~/.local/state/gateway`, for an installed
+       package.
+
+    Never the working directory: `gateway apps` must mean the same from anywhere."""
+    named = os.environ.get(HOME_ENV)
+    if named:
+        return Path(named).resolve(), f"${HOME_ENV}"
+    checkout = package.resolve().parent.parent
+    try:
+        in_checkout = (checkout / "pyproject.toml").is_file() and (checkout / "dev").is_file()
+    except OSError:  # not ours to look into
+        in_checkout = False
+    if in_checkout:
+        return checkout, "the checkout the gateway runs from"
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg).resolve() / "gateway", "the per-user state directory ($XDG_STATE_HOME)"
+
+
+def with_port_base(config: Config, base: int) -> Config:
+    """`config` with its enabled listeners moved to ports base, base+1, ... in
+    PORT_BASE_ORDER, each on its configured host (`gateway demo --port-base`)."""
+    if not 1 <= base <= 65535 - len(PORT_BASE_ORDER) + 1:
+        raise ConfigError(
+            f"--port-base must be from 1 to {65535 - len(PORT_BASE_ORDER) + 1}, got {base}"
+        )
+    changes = {}
+    for offset, table in enumerate(PORT_BASE_ORDER):
+        settings = getattr(config, table)
+        if settings.listen:
+            host, _ = split_listen(settings.listen)
+            shown = f"[{host}]" if ":" in host else host
+            changes[table] = replace(settings, listen=f"{shown}:{base + offset}")
+    return replace(config, **changes)
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load the config from `path`, else `$GATEWAY_CONFIG`, else the built-in defaults."""
+    """Load the config from `path`, else `$GATEWAY_CONFIG`, else the built-in defaults
+    (with paths under `default_home()`)."""
     if path is None:
         path = os.environ.get("GATEWAY_CONFIG") or None
     if path is None:

@@ -58,6 +58,8 @@ class Gateway:
     rendezvous_config: str = ""  # appended to the [rendezvous] table
     process: subprocess.Popen[bytes] | None = None
     log: list[str] = field(default_factory=list)
+    # Set once the running gateway's stderr has reached its end (all of it is in `log`).
+    log_ended: threading.Event = field(default_factory=threading.Event)
 
     @property
     def config_path(self) -> Path:
@@ -93,6 +95,7 @@ class Gateway:
 
     def start(self) -> None:
         ready = threading.Event()
+        self.log_ended = ended = threading.Event()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--config", str(self.config_path), "serve"],
             stdout=subprocess.DEVNULL,
@@ -105,6 +108,7 @@ class Gateway:
                 self.log.append(line)
                 if "SSH listening on" in line:
                     ready.set()
+            ended.set()
 
         threading.Thread(target=read, daemon=True).start()
         if not ready.wait(30):

@@ -5,14 +5,18 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import socket
 import stat
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Gateway, _gateway, make_slug
+from tests.conftest import Gateway, _gateway, free_port, make_slug
 
 
 @pytest.fixture
@@ -123,6 +127,16 @@ def test_config_vars_set_unset_and_show(gw: Gateway) -> None:
     assert missing.returncode == 1 and "no such app: 'nope-app'" in missing.stderr
 
 
+def test_config_set_refuses_the_names_the_gateway_sets(gw: Gateway) -> None:
+    gw.cli("apps:create", "shop")
+    for name in ("DYNO", "PWD", "TERM"):
+        refused = gw.cli("config:set", "shop", "A=1", f"{name}=x", check=False)
+        assert refused.returncode == 1
+        assert refused.stderr.startswith(f"gateway: {name} is set by the gateway and cannot be")
+        assert "Set" not in refused.stdout
+    assert gw.cli("config", "shop").stdout == ""  # nothing half-set
+
+
 def test_keys_add_list_remove(gw: Gateway, tmp_path: Path) -> None:
     gw.cli("apps:create", "shop")
     pub = Path(f"{gw.client_key}.pub")
@@ -139,6 +153,22 @@ def test_keys_add_list_remove(gw: Gateway, tmp_path: Path) -> None:
     assert gw.cli("keys", "shop").stdout == ""
     gone = gw.cli("keys:remove", "shop", fingerprint, check=False)
     assert gone.returncode == 1
+
+
+def test_keys_add_given_a_private_key_says_so(gw: Gateway, tmp_path: Path) -> None:
+    gw.cli("apps:create", "shop")
+    private = gw.cli("keys:add", "shop", str(gw.client_key), check=False)
+    assert private.returncode == 1
+    key = gw.client_key
+    assert private.stderr == f"gateway: {key} is a private key: did you mean {key}.pub?\n"
+    alone = tmp_path / "lone_key"
+    alone.write_bytes(gw.client_key.read_bytes())  # no .pub next to it
+    private = gw.cli("keys:add", "shop", str(alone), check=False)
+    assert private.returncode == 1
+    assert private.stderr.startswith(f"gateway: {alone}: this is a private key")
+    assert "ssh-keygen -y -f" in private.stderr
+    assert "PRIVATE" not in private.stderr + private.stdout  # its text is never echoed
+    assert gw.cli("keys", "shop").stdout == ""
 
 
 def test_host_keys_are_private_printed_and_never_replaced(gw: Gateway) -> None:
@@ -167,3 +197,148 @@ def test_check_reports_each_part_and_fails_on_a_taken_port(gw: Gateway) -> None:
     assert busy.returncode == 1
     assert f"FAIL ssh.listen 127.0.0.1:{gw.port}: cannot listen" in busy.stdout
     gw.stop()
+
+
+def test_check_says_where_state_lives(gw: Gateway) -> None:
+    lines = gw.cli("check").stdout.splitlines()
+    assert lines[1] == (
+        f"ok   state in {gw.state_dir}, keys in {gw.root / 'keys'} (from {gw.config_path})"
+    )
+
+
+def _gateway_cli(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """`gateway ARGS` with no config file, run from `cwd`."""
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
+    env["GATEWAY_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_without_a_config_file_every_directory_sees_the_same_state(tmp_path: Path) -> None:
+    home, here, there = tmp_path / "home", tmp_path / "here", tmp_path / "there"
+    for directory in (home, here, there):
+        directory.mkdir()
+    assert _gateway_cli("apps:create", "shop", cwd=here, home=home).returncode == 0
+    assert _gateway_cli("apps", cwd=there, home=home).stdout == "shop\n"
+    assert (home / "state" / "gateway.db").exists()
+    assert not any(here.iterdir()) and not any(there.iterdir())  # no stray state/
+    check = _gateway_cli("check", cwd=there, home=home).stdout.splitlines()
+    assert check[1] == (
+        f"ok   state in {home / 'state'}, keys in {home / 'keys'} "
+        f"(built-in defaults; {home} is $GATEWAY_HOME)"
+    )
+
+
+LISTENERS = ("ssh", "rendezvous", "api", "metrics")
+
+
+def _port_of(gw: Gateway, table: str) -> int:
+    return {
+        "ssh": gw.port,
+        "rendezvous": gw.rendezvous_port,
+        "api": gw.api_port,
+        "metrics": gw.metrics_port,
+    }[table]
+
+
+def _occupied(port: int) -> socket.socket:
+    """A listening socket on `port`, as another program would hold it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("table", LISTENERS)
+def test_a_taken_port_names_its_listener_and_how_to_move_it(gw: Gateway, table: str) -> None:
+    port = _port_of(gw, table)
+    with _occupied(port):
+        result = gw.cli("serve", check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"gateway: [{table}] listen 127.0.0.1:{port}: address already in use; "
+        f"set [{table}] listen in {gw.config_path}"
+    )
+    assert "Traceback" not in result.stderr and "front exited" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("192.0.2.1", "cannot assign requested address"),  # TEST-NET-1: not on this host
+        ("no-such-host.invalid", ""),  # the resolver's own words
+    ],
+)
+def test_a_listen_address_not_on_this_host_is_named(gw: Gateway, host: str, reason: str) -> None:
+    text = gw.config_path.read_text()
+    gw.config_path.write_text(text.replace(f"127.0.0.1:{gw.port}", f"{host}:{gw.port}"))
+    result = gw.cli("serve", check=False)
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"gateway: [ssh] listen {host}:{gw.port}: {reason}"), last
+    assert last.endswith(f"; set [ssh] listen in {gw.config_path}")
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_on_a_taken_port_tells_of_port_base(gw: Gateway) -> None:
+    with _occupied(gw.api_port):
+        result = gw.cli("demo", check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"gateway: [api] listen 127.0.0.1:{gw.api_port}: address already in use; "
+        "move all four listeners with --port-base N (SSH on N, the others on N+1 to N+3), "
+        f"or set [api] listen in {gw.config_path}"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def _free_run_of_ports(count: int) -> int:
+    """The first of `count` consecutive free loopback ports."""
+    for _ in range(50):
+        base = free_port()
+        if base + count <= 65535 and all(_bindable(base + i) for i in range(count)):
+            return base
+    raise AssertionError(f"no {count} consecutive free ports found")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_demo_port_base_moves_its_ports_and_prints_lines_that_work_anywhere(
+    gw: Gateway, tmp_path: Path
+) -> None:
+    base = _free_run_of_ports(4)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--config", str(gw.config_path), "demo",
+         "--port-base", str(base)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert demo.stderr is not None
+        for line in demo.stderr:
+            lines.append(line.rstrip())
+            if "Ctrl-C here stops the gateway" in line:
+                break
+        ssh_line = next(line.strip() for line in lines if line.strip().startswith("ssh "))
+        assert f" -p {base} demo@127.0.0.1" in ssh_line
+        for port in range(base + 1, base + 4):  # rendezvous, API, metrics
+            assert not _bindable(port), port
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        result = subprocess.run(
+            ["sh", "-c", ssh_line], cwd=elsewhere, capture_output=True, timeout=60,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert (result.returncode, result.stdout) == (0, b"hello from run.1\n"), result.stderr
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(30) == 0, "\n".join(lines)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load, parse
+from gateway.config import ConfigError, default_home, load, parse, with_port_base
+from tests.conftest import REPO
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -15,12 +17,56 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_defaults() -> None:
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GATEWAY_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)  # the working directory plays no part
     config = parse({})
     assert config.ssh.listen == "127.0.0.1:2222"
     assert (config.dynos.idle_timeout, config.dynos.max_lifetime) == (3600, 86400)
     assert (config.dynos.stop_grace, config.dynos.sandbox) == (30, "auto")
-    assert config.state_dir == (Path.cwd() / "state").resolve()
+    assert config.state_dir == REPO / "state"  # the checkout the gateway runs from
+    assert config.keys_dir == REPO / "keys"
+    assert default_home() == (REPO, "the checkout the gateway runs from")
+
+
+def test_without_a_file_gateway_home_or_the_user_state_dir_holds_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    monkeypatch.setenv("GATEWAY_HOME", str(tmp_path / "home"))
+    assert load().state_dir == tmp_path / "home" / "state"
+    assert load().keys_dir == tmp_path / "home" / "keys"
+    # An installed package (no checkout around it): $XDG_STATE_HOME/gateway.
+    monkeypatch.delenv("GATEWAY_HOME")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    installed = tmp_path / "site-packages" / "gateway" / "config.py"
+    assert default_home(installed)[0] == tmp_path / "xdg" / "gateway"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    assert default_home(installed)[0] == tmp_path / "user" / ".local" / "state" / "gateway"
+
+
+def test_port_base_moves_every_enabled_listener() -> None:
+    config = with_port_base(parse({"metrics": {"listen": ""}}), 3000)
+    assert config.ssh.listen == "127.0.0.1:3000"
+    assert config.rendezvous.listen == "127.0.0.1:3001"
+    assert config.api.listen == "127.0.0.1:3002"
+    assert config.metrics.listen == ""  # off stays off
+    v6 = with_port_base(parse({"ssh": {"listen": "[::1]:22"}}), 4000)
+    assert v6.ssh.host_port == ("::1", 4000)
+    for bad in (0, 65533):
+        with pytest.raises(ConfigError, match="--port-base must be from 1 to 65532"):
+            with_port_base(parse({}), bad)
+
+
+def test_public_ssh_address_is_what_users_type() -> None:
+    assert parse({}).ssh.public_address == ("127.0.0.1", 2222)
+    wildcard = parse({"ssh": {"listen": "0.0.0.0:22"}})
+    assert wildcard.ssh.public_address == (socket.getfqdn(), 22)
+    named = parse({"ssh": {"listen": "0.0.0.0:2222", "public_host": "gw.example.com"}})
+    assert named.ssh.public_address == ("gw.example.com", 2222)
+    forwarded = parse({"ssh": {"public_host": "gw.example.com", "public_port": 22}})
+    assert forwarded.ssh.public_address == ("gw.example.com", 22)
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
@@ -49,6 +95,7 @@ def test_environment_variable_names_the_file(
         ("ssh = 3\n", "'ssh' must be a table"),
         ("state_dir = 3\n", "'state_dir' must be a string"),
         ("[dynos\n", "not valid TOML"),
+        ("[ssh]\npublic_port = 70000\n", "'ssh.public_port' must be a port number"),
     ],
 )
 def test_bad_settings_name_the_key_and_file(tmp_path: Path, text: str, message: str) -> None:

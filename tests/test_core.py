@@ -11,7 +11,14 @@ import pytest
 from gateway.core import messages
 from gateway.core.authorized_keys import BadKey, parse_line, parse_text
 from gateway.core.dyno import BadTransition, Exit, State, transition
-from gateway.core.names import InvalidName, check_app_name, check_config_key, parse_dyno_name
+from gateway.core.names import (
+    PLATFORM_VARS,
+    InvalidName,
+    check_app_name,
+    check_config_key,
+    check_config_var,
+    parse_dyno_name,
+)
 
 
 @pytest.mark.parametrize("name", ["abc", "my-app-2", "a" * 30])
@@ -30,6 +37,24 @@ def test_config_keys_are_environment_names() -> None:
     for bad in ("1X", "A-B", "", "A B"):
         with pytest.raises(InvalidName):
             check_config_key(bad)
+
+
+def test_config_vars_refuse_the_names_the_gateway_sets_with_the_reason() -> None:
+    assert check_config_var("DATABASE_URL") == "DATABASE_URL"
+    assert check_config_var("PATH") == "PATH"  # a default the app may replace, as on Heroku
+    assert check_config_var("dyno") == "dyno"  # environment names are case-sensitive
+    assert set(PLATFORM_VARS) == {"DYNO", "PWD", "TERM", "COLUMNS", "LINES"}
+    with pytest.raises(InvalidName) as refused:
+        check_config_var("DYNO")
+    assert str(refused.value) == (
+        "DYNO is set by the gateway and cannot be a config var: "
+        "every dyno gets its own name there (run.N)"
+    )
+    for name in PLATFORM_VARS:
+        with pytest.raises(InvalidName, match=f"^{name} is set by the gateway"):
+            check_config_var(name)
+    with pytest.raises(InvalidName, match="invalid config var name"):
+        check_config_var("1X")
 
 
 def test_dyno_names() -> None:
@@ -103,3 +128,20 @@ def test_exit_from_returncode() -> None:
     assert Exit.from_returncode(-9) == Exit(signal="KILL")
     assert Exit(signal="KILL").shell_status == 137
     assert Exit(signal="TERM").shell_status == 143
+
+
+@pytest.mark.parametrize(
+    "keygen",
+    [
+        ["-t", "ed25519"],  # OpenSSH's own format
+        ["-t", "rsa", "-b", "2048", "-m", "PEM"],  # -----BEGIN RSA PRIVATE KEY-----
+        ["-t", "ecdsa", "-m", "PKCS8"],  # -----BEGIN PRIVATE KEY-----
+    ],
+    ids=["openssh", "pem-rsa", "pkcs8"],
+)
+def test_a_private_key_is_refused_as_such(tmp_path: Path, keygen: list[str]) -> None:
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-N", "", *keygen, "-f", key], check=True)
+    with pytest.raises(BadKey, match=r"^this is a private key.*give the public key"):
+        parse_text(key.read_text())
+    assert parse_text((tmp_path / "id.pub").read_text())  # its public half is fine

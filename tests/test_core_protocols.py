@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from gateway.core import commands, platform_api
@@ -23,6 +25,53 @@ def test_reserved_commands_keep_the_command_text_verbatim() -> None:
     for bad in ("run:stop web.1", "run:stop", "run:list -x", "run:nope", "run:detached -e X"):
         with pytest.raises(commands.UsageError):
             commands.parse(bad)
+
+
+def test_run_with_one_quoted_word_runs_the_text_inside() -> None:
+    """`run:detached 'echo a; echo b'`, as a heroku command is written: as one word it
+    could only name a program called `echo a; echo b`."""
+    for name, attach in (("run:detached", False), ("run", True)):
+        assert commands.parse(f"{name} 'echo a; echo b'") == commands.Run(
+            command="echo a; echo b", attach=attach
+        )
+        assert commands.parse(f'{name} -e A=1 -- "echo \\"$A\\""') == commands.Run(
+            command='echo "$A"', attach=attach, env={"A": "1"}
+        )
+        # More than one word, or not starting with a quote: the text as it came.
+        for kept in ("'echo a' b", "echo 'a b'", "'a';b"):
+            assert commands.parse(f"{name} {kept}") == commands.Run(command=kept, attach=attach)
+        with pytest.raises(commands.UsageError, match="no command given"):
+            commands.parse(f"{name} ''")
+    # A plain command is the user's shell text, as sshd passes it: never unquoted.
+    assert commands.parse("'echo a; echo b'") is None
+
+
+@pytest.mark.parametrize(
+    "word",
+    [
+        "'echo a; echo b'",
+        '"echo a; echo b"',
+        "'it'\\''s'",
+        '"say \\"hi\\" \\\\ \\x"',
+        "'a'b-c.d",
+        "'two\nlines'",
+        '"tab\there"',
+        "''",
+    ],
+)
+def test_unquote_word_gives_what_sh_gives(word: str) -> None:
+    """The value matches the shell's own reading of the same word."""
+    printed = subprocess.run(
+        ["sh", "-c", f"printf %s {word}"], capture_output=True, text=True, check=True
+    ).stdout
+    assert commands.unquote_word(word) == printed
+
+
+@pytest.mark.parametrize(
+    "text", ["echo", "'a' 'b'", "'a';ls", "'a'|b", "'a'$x", "'a'*", "'open", '"open', "a'b'"]
+)
+def test_unquote_word_leaves_everything_else(text: str) -> None:
+    assert commands.unquote_word(text) is None
 
 
 def test_ps_format_matches_heroku() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import time
 
@@ -45,6 +46,57 @@ def test_run_detached_returns_at_once_and_logs_its_output(gateway: Gateway) -> N
         "heroku[run.1]: State changed from up to complete",
     ]
     assert "run.1" not in gateway.ssh(app, "run:list").stdout.decode()
+
+
+def test_run_detached_prints_a_run_logs_line_that_works(gateway: Gateway) -> None:
+    """One quoted word after the options, as a heroku command is written, is the
+    command's text; the printed follow-up names the real host and port."""
+    app = gateway.new_app()
+    result = gateway.ssh(app, "run:detached 'echo a; echo b'")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "Running `echo a; echo b` detached... up, run.1 (Standard-1X)"
+    follow = f"ssh -p {gateway.port} {app}@127.0.0.1 run:logs -p run.1 --tail"
+    assert lines[1] == f"Use `{follow}` to view the output."
+    # As the user would run it (with the test's key and no known_hosts prompt).
+    argv = shlex.split(follow)
+    options = gateway.ssh_argv(app)[1:-1]  # the test's own ssh options, without -p/dest
+    tail = subprocess.Popen(
+        [argv[0], *options, *argv[1:]], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+    )
+    seen = []
+    try:
+        assert tail.stdout is not None
+        for raw in tail.stdout:
+            seen.append(raw.decode().split(" ", 1)[1].rstrip())
+            if "app[run.1]: b" in seen[-1]:
+                break
+    finally:
+        tail.kill()
+        tail.wait()
+    assert "app[run.1]: a" in seen and "app[run.1]: b" in seen
+
+
+def test_run_with_one_quoted_word_runs_its_text_but_a_plain_command_is_left_alone(
+    gateway: Gateway,
+) -> None:
+    app = gateway.new_app()
+    assert gateway.ssh(app, "run 'echo a; echo b'").stdout == b"a\nb\n"
+    assert gateway.ssh(app, 'run -e X=1 -- "echo \\"$X  2\\""').stdout == b"1  2\n"
+    # A plain command is the user's own shell text, exactly as OpenSSH's sshd runs it.
+    plain = gateway.ssh(app, "'echo a; echo b'")
+    assert plain.returncode == 127 and b"command not found" in plain.stderr
+
+
+def test_run_detached_names_the_public_host_and_port(own_gateway: Gateway) -> None:
+    gw = own_gateway
+    gw.ssh_config = 'public_host = "gw.example.test"\npublic_port = 22\n'
+    gw.write_config()
+    gw.start()
+    app = gw.new_app()
+    result = gw.ssh(app, "run:detached", "true")
+    assert result.returncode == 0, result.stderr
+    assert f"Use `ssh {app}@gw.example.test run:logs -p run.1 --tail`".encode() in result.stdout
 
 
 def test_run_with_options_sets_size_and_env(gateway: Gateway) -> None:

@@ -80,6 +80,7 @@ def test_readme_demo_command_prints_an_ssh_line_that_works(tmp_path: Path) -> No
     _copy_checkout(checkout)
     env = dict(os.environ, GATEWAY_VENV=str(Path(sys.prefix)))
     env.pop("GATEWAY_CONFIG", None)
+    env.pop("GATEWAY_HOME", None)
     process = subprocess.Popen(
         shlex.split(demo),
         cwd=checkout,
@@ -102,15 +103,112 @@ def test_readme_demo_command_prints_an_ssh_line_that_works(tmp_path: Path) -> No
     try:
         assert ready.wait(120), "\n".join(lines)
         ssh_line = next(line.strip() for line in lines if line.strip().startswith("ssh "))
+        assert f"-i {checkout}/keys/demo_client_ed25519 " in ssh_line  # this copy's own keys
+        elsewhere = tmp_path / "elsewhere"  # the printed line works from any directory
+        elsewhere.mkdir()
         result = subprocess.run(
             ["sh", "-c", ssh_line],
-            cwd=checkout,
+            cwd=elsewhere,
             capture_output=True,
             timeout=60,
             stdin=subprocess.DEVNULL,
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout == b"hello from run.1\n"
+        assert (checkout / "state" / "gateway.db").exists()
     finally:
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C, as the demo says
         assert process.wait(30) == 0, "\n".join(lines)
+
+
+def using_it() -> tuple[list[str], list[str]]:
+    """The README's "Using it" blocks: the set-up lines, and the client lines."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Using it", 1)[1].split("\n## ", 1)[0]
+    setup, clients = re.findall(r"```sh\n(.*?)```", section, re.S)
+    return (
+        [line for line in setup.splitlines() if line.strip()],
+        [line for line in clients.splitlines() if line.strip()],
+    )
+
+
+DEFAULT_PORTS = (2222, 5000, 5001, 9464)
+
+
+@pytest.mark.skipif(
+    any(_port_taken(port) for port in DEFAULT_PORTS),
+    reason=f"one of the default ports {DEFAULT_PORTS} is taken here",
+)
+def test_readme_using_it_runs_as_written(tmp_path: Path) -> None:
+    """Every line of "Using it", verbatim, in a fresh copy of the checkout, for a user
+    whose home is a new directory. OpenSSH's client finds its files through the
+    password database, not $HOME, so an `ssh` on PATH passes the new home's key and
+    known_hosts on: the stand-in for that user's own ~/.ssh."""
+    setup, clients = using_it()
+    checkout = tmp_path / "checkout"
+    _copy_checkout(checkout)
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    real_ssh = shutil.which("ssh")
+    (shim / "ssh").write_text(
+        "#!/bin/sh\n"
+        f'exec {real_ssh} -F /dev/null -i "$HOME/.ssh/id_ed25519" -o IdentitiesOnly=yes '
+        '-o UserKnownHostsFile="$HOME/.ssh/known_hosts" -o StrictHostKeyChecking=accept-new '
+        '-o BatchMode=yes "$@"\n'
+    )
+    (shim / "ssh").chmod(0o755)
+    env = dict(os.environ, GATEWAY_VENV=str(Path(sys.prefix)), HOME=str(home))
+    # As on a fresh login: the venv is not on PATH, so a bare `gateway` would not run.
+    venv_bin = str(Path(sys.prefix) / "bin")
+    path = [entry for entry in env["PATH"].split(":") if entry.rstrip("/") != venv_bin]
+    env["PATH"] = ":".join([str(shim), *path])
+    for name in ("GATEWAY_CONFIG", "GATEWAY_HOME", "XDG_STATE_HOME"):
+        env.pop(name, None)
+
+    def sh(line: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["sh", "-c", line], cwd=checkout, env=env, capture_output=True, timeout=120,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    serve_line = next(line for line in setup if " serve" in line)
+    for line in setup[: setup.index(serve_line)]:
+        result = sh(line)
+        assert result.returncode == 0, (line, result.stderr)
+    server = subprocess.Popen(
+        shlex.split(serve_line, comments=True), cwd=checkout, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    log: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert server.stderr is not None
+        for raw in server.stderr:
+            log.append(raw.decode(errors="replace").rstrip())
+            if "SSH listening on" in log[-1]:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(120), "\n".join(log)
+        outputs = []
+        for line in clients:
+            result = sh(line)
+            assert result.returncode == 0, (line, result.stderr)
+            outputs.append(result.stdout)
+        assert outputs[0] == b"run.1\n"  # as the README's comment says
+        # ./dev gateway from any other directory sees the same state.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        apps = subprocess.run(
+            [str(checkout / "dev"), "gateway", "apps"], cwd=elsewhere, env=env,
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert apps.stdout == b"myapp\n", apps.stderr
+        assert not any(elsewhere.iterdir())
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        assert server.wait(60) == 0, "\n".join(log)

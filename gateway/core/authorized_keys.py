@@ -67,8 +67,25 @@ def parse_line(line: str) -> PublicKey:
     return PublicKey(fields[0], blob, fields[2].strip() if len(fields) > 2 else "")
 
 
+# First lines of private key files: OpenSSH's, PEM (PKCS#1, PKCS#8, EC, DSA), PuTTY's.
+_PRIVATE_KEY_STARTS = ("-----BEGIN OPENSSH PRIVATE KEY-----", "PuTTY-User-Key-File-")
+
+
+def _is_private_key(line: str) -> bool:
+    line = line.strip()
+    return line.startswith(_PRIVATE_KEY_STARTS) or (
+        line.startswith("-----BEGIN ") and line.endswith("PRIVATE KEY-----")
+    )
+
+
 def parse_text(text: str) -> list[PublicKey]:
-    """Every key in a public key file or an authorized_keys file (comments skipped)."""
+    """Every key in a public key file or an authorized_keys file (comments skipped).
+    A private key is refused as such, so the user reaches for the `.pub` file."""
+    if any(_is_private_key(line) for line in text.splitlines()):
+        raise BadKey(
+            "this is a private key, which never leaves its owner: give the public key "
+            "(the .pub file next to it, or the output of `ssh-keygen -y -f KEYFILE`)"
+        )
     keys = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):

@@ -3,7 +3,10 @@
 A word with a colon cannot be a Procfile process type, so these never clash with an
 app's own commands. OpenSSH's client joins its arguments with spaces and sends one
 string, so a command's own quoting is gone by the time it arrives: options are read off
-the front of the string word by word, and what follows is the command text, untouched.
+the front of the string word by word, and what follows is the command text, untouched,
+with one exception: a command text that is exactly one quoted word (`run:detached 'echo
+a; echo b'`, as a heroku command is written) is unquoted, since as one word it could
+only name a program called `echo a; echo b`.
 """
 
 from __future__ import annotations
@@ -155,9 +158,60 @@ def _parse_run(text: str, attach: bool) -> Run:
         start = end
         index += 1
     command = text[start:].strip()
-    if not command:
+    unquoted = unquote_word(command)
+    if unquoted is not None:
+        command = unquoted
+    if not command.strip():
         raise UsageError("no command given; for example: run:detached 'rake jobs:work'")
     return Run(command=command, attach=attach, size=size, env=env)
+
+
+# Characters that mean nothing special to sh outside quotes.
+_PLAIN = frozenset("-_./,:=+@%^")
+
+
+def unquote_word(text: str) -> str | None:
+    """The value of `text` when it is exactly one shell word that starts with a quote
+    (`'echo a; echo b'`, `"echo \\"hi\\""`, `'it'\\''s'`); None otherwise, and for
+    unbalanced quotes. As in sh: nothing is special inside single quotes; inside double
+    quotes a backslash escapes only $ ` " \\ and newline; outside quotes it escapes any
+    character. Unquoted, only plain characters may join the word: a space, `;`, `|`,
+    `$`, a glob and the like make it more than one quoted word, left as it is. `$VAR`
+    inside double quotes is left for the dyno's shell to expand."""
+    if not text or text[0] not in "'\"":
+        return None
+    value, i = [], 0
+    while i < len(text):
+        char = text[i]
+        if char == "'":
+            end = text.find("'", i + 1)
+            if end < 0:
+                return None
+            value.append(text[i + 1 : end])
+            i = end + 1
+        elif char == '"':
+            i += 1
+            while i < len(text) and text[i] != '"':
+                if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in '$`"\\\n':
+                    if text[i + 1] != "\n":  # backslash-newline is a line continuation
+                        value.append(text[i + 1])
+                    i += 2
+                else:
+                    value.append(text[i])
+                    i += 1
+            if i >= len(text):
+                return None
+            i += 1
+        elif char == "\\" and i + 1 < len(text):
+            if text[i + 1] != "\n":
+                value.append(text[i + 1])
+            i += 2
+        elif char.isalnum() or char in _PLAIN:
+            value.append(char)
+            i += 1
+        else:
+            return None  # a space, `;`, `|`, `$`, a glob...: more than one quoted word
+    return "".join(value)
 
 
 def _parse_logs(text: str) -> RunLogs:

@@ -33,6 +33,29 @@ def check_config_key(key: str) -> str:
     return key
 
 
+# Environment names every dyno gets from the gateway itself, set after the config vars
+# (gateway/manager/sandbox.py, bwrap.py), so a config var of that name would be stored
+# and shown but never seen by a dyno. PATH, HOME and LANG are defaults a config var
+# may replace, as on Heroku, so they are not here.
+PLATFORM_VARS = {
+    "DYNO": "every dyno gets its own name there (run.N)",
+    "PWD": "every dyno gets its working directory there (the app dir)",
+    "TERM": "a session with a terminal gets the client's terminal type there",
+    "COLUMNS": "a session with a terminal gets the client's window width there",
+    "LINES": "a session with a terminal gets the client's window height there",
+}
+
+
+def check_config_var(key: str) -> str:
+    """A key `config:set` may store: a valid name that the platform does not set."""
+    check_config_key(key)
+    if key in PLATFORM_VARS:
+        raise InvalidName(
+            f"{key} is set by the gateway and cannot be a config var: {PLATFORM_VARS[key]}"
+        )
+    return key
+
+
 def dyno_name(number: int) -> str:
     """The one-off dyno's name for run number `number` (`run.N`)."""
     return f"run.{number}"

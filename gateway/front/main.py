@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
+import socket
 import ssl
+import sys
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import asyncssh
 
@@ -21,6 +26,10 @@ from gateway.store import Store
 from gateway.tls import SERVER_CERT, SERVER_KEY
 
 log = logging.getLogger("gateway.front")
+Server = TypeVar("Server")
+# What the front writes on its ready pipe once every listener is open; a JSON line
+# {"table", "listen", "reason"} instead says which one could not be (see run()).
+READY = b"ready\n"
 
 
 async def serve(
@@ -39,37 +48,56 @@ async def serve(
         "banner": config.dynos.banner,
         "idle_timeout": config.dynos.idle_timeout,
         "accept_env": config.ssh.accept_env,
+        "public_address": config.ssh.public_address,
     }
     limits = PreAuthLimits(config.ssh)
-    server = await asyncssh.create_server(
-        lambda: GatewayServer(store, context, limits),
-        host,
-        port,
-        server_host_keys=load_host_keys([str(config.keys_dir / n) for n in HOST_KEY_NAMES]),
-        **ALGORITHMS,
-        encoding=None,
-        line_editor=False,
-        agent_forwarding=False,
-        x11_forwarding=False,
-        allow_scp=False,
-        keepalive_interval=config.ssh.keepalive_interval,
-        keepalive_count_max=config.ssh.keepalive_count_max,
-        login_timeout=config.ssh.login_grace_time,
-        reuse_address=True,
-    )
-    log.info("SSH listening on %s:%d", host, port)
-    servers = [server, *await _heroku_listeners(config, store, sessions, observer)]
-    if config.metrics.listen:
-        m_host, m_port = split_listen(config.metrics.listen)
-        servers.append(await serve_metrics(m_host, m_port, config.manager_socket))
+    servers: list[asyncio.AbstractServer] = []
+    try:
+        servers.append(
+            await _listen(
+                "ssh",
+                config.ssh.listen,
+                asyncssh.create_server(
+                    lambda: GatewayServer(store, context, limits),
+                    host,
+                    port,
+                    server_host_keys=load_host_keys(
+                        [str(config.keys_dir / n) for n in HOST_KEY_NAMES]
+                    ),
+                    **ALGORITHMS,
+                    encoding=None,
+                    line_editor=False,
+                    agent_forwarding=False,
+                    x11_forwarding=False,
+                    allow_scp=False,
+                    keepalive_interval=config.ssh.keepalive_interval,
+                    keepalive_count_max=config.ssh.keepalive_count_max,
+                    login_timeout=config.ssh.login_grace_time,
+                    reuse_address=True,
+                ),
+            )
+        )
+        log.info("SSH listening on %s:%d", host, port)
+        servers += await _heroku_listeners(config, store, sessions, observer)
+        if config.metrics.listen:
+            m_host, m_port = split_listen(config.metrics.listen)
+            servers.append(
+                await _listen(
+                    "metrics",
+                    config.metrics.listen,
+                    serve_metrics(m_host, m_port, config.manager_socket),
+                )
+            )
+    except ListenFailed:
+        for listener in servers:
+            listener.close()
+        raise
     if ready_fd is not None:
-        os.write(ready_fd, b"ready\n")
+        os.write(ready_fd, READY)
         os.close(ready_fd)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    # Ctrl-C on a terminal reaches the whole process group; the manager decides.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if lifeline_fd is not None:
         loop.add_reader(lifeline_fd, stop.set)
     await stop.wait()
@@ -96,18 +124,67 @@ async def _heroku_listeners(
     context.load_cert_chain(config.keys_dir / SERVER_CERT, config.keys_dir / SERVER_KEY)
     r_host, r_port = split_listen(config.rendezvous.listen)
     loop = asyncio.get_running_loop()
-    rendezvous_server = await loop.create_server(
-        lambda: RendezvousProtocol(rendezvous), r_host, r_port, ssl=context,
-        ssl_handshake_timeout=10, reuse_address=True,
+    rendezvous_server = await _listen(
+        "rendezvous",
+        config.rendezvous.listen,
+        loop.create_server(
+            lambda: RendezvousProtocol(rendezvous), r_host, r_port, ssl=context,
+            ssl_handshake_timeout=10, reuse_address=True,
+        ),
     )  # fmt: skip
     platform = PlatformAPI(
         store, rendezvous, config.manager_socket, config.rendezvous.public_host, r_port
     )
     a_host, a_port = split_listen(config.api.listen)
-    api_server = await asyncio.start_server(platform.handle, a_host, a_port, reuse_address=True)
+    try:
+        api_server = await _listen(
+            "api",
+            config.api.listen,
+            asyncio.start_server(platform.handle, a_host, a_port, reuse_address=True),
+        )
+    except ListenFailed:
+        rendezvous_server.close()
+        raise
     log.info("rendezvous listening on %s:%d, API on %s:%d", r_host, r_port, a_host, a_port)
     return [rendezvous_server, api_server]
 
 
-def run(config: Config, ready_fd: int | None = None, lifeline_fd: int | None = None) -> None:
-    asyncio.run(serve(config, ready_fd, lifeline_fd))
+class ListenFailed(Exception):
+    """A listener that could not be opened: which `[table] listen`, and why."""
+
+    def __init__(self, table: str, listen: str, reason: str) -> None:
+        super().__init__(f"[{table}] listen {listen}: {reason}")
+        self.table, self.listen, self.reason = table, listen, reason
+
+
+async def _listen(table: str, listen: str, opening: Awaitable[Server]) -> Server:
+    """Await `opening` (a listener being bound); an OSError (port taken, address not
+    on this host, a low port without privilege) becomes ListenFailed naming the key."""
+    try:
+        return await opening
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror):  # a host name that does not resolve
+            reason = f"{exc.strerror}"
+        elif exc.errno:  # asyncio words it "error while attempting to bind on ...: REASON"
+            reason = os.strerror(exc.errno)
+        else:
+            reason = str(exc)
+        raise ListenFailed(table, listen, reason[:1].lower() + reason[1:]) from None
+
+
+def run(config: Config, ready_fd: int | None = None, lifeline_fd: int | None = None) -> int:
+    """Serve; 0 after a clean stop. A listener that cannot be opened is told on
+    `ready_fd` (or stderr) in one line, status 1: the manager prints it, no traceback."""
+    # Ctrl-C on a terminal reaches the whole process group, from the first moment on;
+    # the manager decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        asyncio.run(serve(config, ready_fd, lifeline_fd))
+    except ListenFailed as exc:
+        if ready_fd is None:
+            print(f"gateway: {exc}", file=sys.stderr)
+        else:
+            failure = {"table": exc.table, "listen": exc.listen, "reason": exc.reason}
+            os.write(ready_fd, json.dumps(failure).encode() + b"\n")
+        return 1
+    return 0

@@ -67,9 +67,11 @@ class ReservedCommand:
         if reply is None:
             return
         dyno, size = reply["dyno"], size_label(str(reply.get("size", "")))
+        host, port = self.session.context.public_address
+        ssh = f"ssh {self.app}@{host}" if port == 22 else f"ssh -p {port} {self.app}@{host}"
         self.session.write(
             f"Running `{command.command}` detached... up, {dyno} ({size})\n"
-            f"Use `ssh {self.app}@HOST run:logs -p {dyno} --tail` to view the output.\n"
+            f"Use `{ssh} run:logs -p {dyno} --tail` to view the output.\n"
         )
         self.session.exit(0)
 

@@ -42,6 +42,9 @@ class SessionContext:
     observer: Observer
     # Client `env` requests that reach the dyno ([ssh] accept_env); none when empty.
     accept_env: tuple[str, ...] = ()
+    # The host and port users reach the gateway at ([ssh] public_host, public_port), for
+    # the commands a reserved command tells them to run next.
+    public_address: tuple[str, int] = ("HOST", 22)
 
 
 class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]

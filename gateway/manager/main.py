@@ -8,11 +8,12 @@ closes) and the service manager restarts it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import trio
 
@@ -24,34 +25,76 @@ from gateway.manager.supervisor import Manager
 from gateway.store import Store
 
 log = logging.getLogger("gateway.manager")
+# What the front writes on its ready pipe once it listens (gateway/front/main.py READY).
+READY = b"ready\n"
 
 
 class FrontDied(Exception):
     pass
 
 
+class ListenerUnavailable(FrontDied):
+    """The front could not open a listener: which `[table] listen`, and why."""
+
+    def __init__(self, table: str, listen: str, reason: str) -> None:
+        super().__init__(f"[{table}] listen {listen}: {reason}")
+        self.table = table
+
+
 class SandboxUnavailable(Exception):
     pass
 
 
+class StoppedNow(Exception):
+    """A second SIGINT or SIGTERM during a graceful shutdown: stop without waiting."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], None]) -> None:
-    store = Store(config.db_path)
-    sandbox = choose_sandbox(config)
-    manager = Manager(config, store, sandbox)
-    front = Front(front_argv)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(manager.serve)
-        await nursery.start(front.run)
-        on_ready()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("stopping on %s", signal.Signals(signum).name)
-                break
-        # The front stops accepting, tells attached clients, drains, then hangs them up
-        # (their dynos get SIGHUP); what still runs after that is stopped as run:stop does.
-        await front.stop(config.shutdown.drain_timeout + 5)
-        await manager.stop_all()
-        nursery.cancel_scope.cancel()
+    # Signals are ours from the start, so that Ctrl-C never surfaces as a
+    # KeyboardInterrupt in the middle of a task.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        store = Store(config.db_path)
+        sandbox = choose_sandbox(config)
+        manager = Manager(config, store, sandbox)
+        front = Front(front_argv)
+        stopping = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, signals, stopping, front)
+            await nursery.start(manager.serve)
+            await nursery.start(front.run)
+            on_ready()
+            await stopping.wait()
+            # The front stops accepting, tells attached clients and gives them
+            # drain_timeout to end, then hangs them up (their dynos get SIGHUP); what
+            # still runs after that is stopped as run:stop does (SIGTERM, stop_grace,
+            # SIGKILL). So a shutdown can take drain_timeout + stop_grace, plus a few
+            # seconds of slack at each step; a second signal cuts it short.
+            await front.stop(config.shutdown.drain_timeout + 5)
+            await manager.stop_all()
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(signals: AsyncIterator[int], stopping: trio.Event, front: Front) -> None:
+    """The first SIGINT or SIGTERM starts the graceful shutdown; a second one stops now:
+    the front is killed (every connection drops, attached dynos get SIGHUP) and
+    StoppedNow cancels the rest, so each dyno gets SIGTERM and, a second later, SIGKILL."""
+    first = True
+    async for signum in signals:
+        if first:
+            first = False
+            log.info("stopping on %s", signal.Signals(signum).name)
+            stopping.set()
+            continue
+        name = signal.Signals(signum).name
+        what = "interrupt" if signum == signal.SIGINT else name
+        # One line, as the user's answer (the log goes to the same stderr).
+        print(f"gateway: second {what}, stopping now", file=sys.stderr, flush=True)
+        front.kill()
+        raise StoppedNow(signum)
 
 
 def choose_sandbox(config: Config) -> Sandbox:
@@ -113,8 +156,15 @@ class Front:
         self._process = front
         try:
             async with trio.lowlevel.FdStream(ready_r) as ready:
-                if not await ready.receive_some(16):
-                    raise FrontDied(f"the SSH front exited at start (status {await front.wait()})")
+                said = await _read_line(ready)
+            if said != READY:
+                status = await front.wait()
+                try:
+                    failure = json.loads(said)
+                    table, listen, reason = (str(failure[k]) for k in ("table", "listen", "reason"))
+                except (ValueError, KeyError, TypeError):
+                    raise FrontDied(f"the SSH front exited at start (status {status})") from None
+                raise ListenerUnavailable(table, listen, reason)
             task_status.started()
             status = await front.wait()
             self.exited.set()
@@ -128,6 +178,12 @@ class Front:
                     await front.wait()
                 front.kill()
 
+    def kill(self) -> None:
+        """SIGKILL, no drain: for a second interrupt."""
+        self.stopping = True
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+
     async def stop(self, timeout: float) -> None:
         """SIGTERM (the front drains) and wait for it to exit, at most `timeout` seconds."""
         self.stopping = True
@@ -137,12 +193,49 @@ class Front:
             await self.exited.wait()
 
 
-def run(config: Config, front_argv: list[str], on_ready: Callable[[], None]) -> int:
-    failures: list[BaseException] = []
+async def _read_line(stream: trio.lowlevel.FdStream, limit: int = 4096) -> bytes:
+    """Bytes up to and including the first newline, or all there were before EOF."""
+    data = b""
+    while b"\n" not in data and len(data) < limit:
+        chunk = await stream.receive_some(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def run(
+    config: Config,
+    front_argv: list[str],
+    on_ready: Callable[[], None],
+    how_to_move: Callable[[str], str] = lambda table: "",
+) -> int:
+    """Serve until stopped; the exit status. Failures are one line each on stderr, no
+    traceback; a listener that cannot be opened comes with `how_to_move(table)`.
+    Stopped now by a second signal: 128 + its number, as a shell reports a kill."""
+    failures: list[str] = []
+    status = 0
     try:
         trio.run(serve, config, front_argv, on_ready)
+    except* StoppedNow as group:
+        for exc in _leaves(group):
+            if isinstance(exc, StoppedNow):
+                status = 128 + exc.signum
+    except* ListenerUnavailable as group:
+        for exc in _leaves(group):
+            hint = how_to_move(exc.table) if isinstance(exc, ListenerUnavailable) else ""
+            failures.append(f"{exc}; {hint}" if hint else str(exc))
     except* (FrontDied, SandboxUnavailable) as group:
-        failures.extend(group.exceptions)
-    for exc in failures:
-        print(f"gateway: {exc}", file=sys.stderr)
-    return 1 if failures else 0
+        failures.extend(str(exc) for exc in _leaves(group))
+    for line in failures:
+        print(f"gateway: {line}", file=sys.stderr)
+    return 1 if failures else status
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    """The exceptions in `group` and in the groups nested in it."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
