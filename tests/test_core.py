@@ -11,6 +11,8 @@ import pytest
 from gateway.core import messages
 from gateway.core.authorized_keys import BadKey, parse_line, parse_text
 from gateway.core.dyno import BadTransition, Exit, State, transition
+from gateway.core.environment import dyno_env
+from gateway.core.messages import Pty
 from gateway.core.names import (
     PLATFORM_VARS,
     InvalidName,
@@ -43,7 +45,12 @@ def test_config_vars_refuse_the_names_the_gateway_sets_with_the_reason() -> None
     assert check_config_var("DATABASE_URL") == "DATABASE_URL"
     assert check_config_var("PATH") == "PATH"  # a default the app may replace, as on Heroku
     assert check_config_var("dyno") == "dyno"  # environment names are case-sensitive
-    assert set(PLATFORM_VARS) == {"DYNO", "PWD", "TERM", "COLUMNS", "LINES"}
+    # Exactly the names a dyno's environment overrides whatever the config vars say.
+    attempt = {name: "from-config" for name in [*PLATFORM_VARS, "PATH", "HOME", "LANG", "X"]}
+    env = dyno_env(
+        name="run.1", config_vars=attempt, app_dir="/app", port=5000, pty=Pty("xterm", 80, 24)
+    )
+    assert set(PLATFORM_VARS) == {name for name in attempt if env[name] != "from-config"}
     with pytest.raises(InvalidName) as refused:
         check_config_var("DYNO")
     assert str(refused.value) == (

@@ -1,13 +1,12 @@
 """A dyno's environment, the same in every sandbox: what Heroku sets, then the app's
-config vars, then the names the platform owns (a config var cannot rename the dyno)."""
+config vars, then the names the platform owns (a config var cannot rename the dyno;
+`config:set` refuses them: gateway/core/names.py PLATFORM_VARS)."""
 
 from __future__ import annotations
 
 from gateway.core.messages import Pty
 
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
-# Set by the platform last, so no config var or client env can change them.
-PLATFORM_OWNED = ("DYNO", "PORT", "PWD")
 
 
 def dyno_env(

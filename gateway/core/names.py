@@ -34,11 +34,12 @@ def check_config_key(key: str) -> str:
 
 
 # Environment names every dyno gets from the gateway itself, set after the config vars
-# (gateway/manager/sandbox.py, bwrap.py), so a config var of that name would be stored
+# (gateway/core/environment.py), so a config var of that name would be stored
 # and shown but never seen by a dyno. PATH, HOME and LANG are defaults a config var
 # may replace, as on Heroku, so they are not here.
 PLATFORM_VARS = {
     "DYNO": "every dyno gets its own name there (run.N)",
+    "PORT": "every dyno gets a port of its own to listen on there",
     "PWD": "every dyno gets its working directory there (the app dir)",
     "TERM": "a session with a terminal gets the client's terminal type there",
     "COLUMNS": "a session with a terminal gets the client's window width there",
