@@ -237,10 +237,14 @@ class Gateway(Server):
         """The config, table by table ("" holds the top-level keys)."""
         return {
             "": {"state_dir": "state", "keys_dir": "keys"},
-            # As the throwaway sshd: room for the concurrency row's connections.
+            # As the throwaway sshd (MaxStartups 2000, no per-source limits): room for the
+            # concurrency row's connections, all from one address.
             "ssh": {
                 "listen": f"127.0.0.1:{self.port}",
                 "max_startups": "2000:30:2000",
+                "per_source_max_startups": 0,
+                "per_netblock_max_startups": 0,
+                "per_netblock_max_pending": 0,
                 "max_sessions": 100,
             },
             # Only SSH is measured: no other listeners (nor their fixed ports).

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from gateway.core.admission import NetblockSize, parse_networks, startup_slots
+
 SANDBOXES = ("auto", "bwrap", "process")
 NETWORKS = ("outbound", "none", "host")
 # Read-only system dirs a bwrap dyno sees (the "stack"); those missing on the host are skipped.
@@ -45,14 +47,27 @@ class SSHSettings:
     keepalive_interval: int = 15
     keepalive_count_max: int = 4
     login_grace_time: int = 30
-    # OpenSSH's MaxStartups start:rate:full for connections not yet authenticated: past
-    # `start` new ones are dropped with probability rate% rising to 100% at `full`.
-    max_startups: str = "10:30:100"
+    # Admission of connections not yet authenticated (docs/security.md): at most
+    # `max_startups` in the handshake at once (N, or OpenSSH's START:RATE:FULL, whose FULL
+    # counts), of them at most `per_source_max_startups` from one address and
+    # `per_netblock_max_startups` from one netblock (`per_source_netblock_size`, V4:V6
+    # prefix lengths); the others wait, up to `login_grace_time`, at most `max_waiting`
+    # of them; one netblock holds at most `per_netblock_max_pending`, waiting or not.
+    # The same rules, with their own slots, apply to the rendezvous and API listeners.
+    max_startups: str = "100"
+    per_source_max_startups: int = 10
+    per_netblock_max_startups: int = 30
+    per_source_netblock_size: str = "24:64"
+    max_waiting: int = 1000
+    per_netblock_max_pending: int = 500
     max_auth_tries: int = 6
-    # After `penalty_failures` failed authentications from one address within
-    # `penalty_time` seconds, that address is refused for `penalty_time` seconds.
+    # Failed authentications from one address within `penalty_time` seconds weighing
+    # `penalty_failures` refuse that address for `penalty_time` seconds (a repeated key
+    # weighs a tenth; a key failing that often is refused from that address on its own).
+    # Addresses in `penalty_exempt` (CIDR blocks) are never penalized.
     penalty_failures: int = 10
     penalty_time: int = 60
+    penalty_exempt: tuple[str, ...] = ()
     max_sessions: int = 10
     # Client environment variables that reach a dyno (`*` matches a suffix).
     accept_env: tuple[str, ...] = ("LANG", "LC_*", "TZ")
@@ -282,14 +297,15 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
     if not 0 <= config.ssh.public_port <= 65535:
         raise ConfigError(f"{source}: 'ssh.public_port' must be a port number (0: the listen port)")
     base = base or default_home()[0]
-    try:
-        startups = [int(part) for part in config.ssh.max_startups.split(":")]
-        if len(startups) != 3 or not 0 < startups[0] <= startups[2] or not 0 <= startups[1] <= 100:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(
-            f"{source}: 'ssh.max_startups' must be START:RATE:FULL, such as 10:30:100"
-        ) from None
+    for key, check in (
+        ("max_startups", startup_slots),
+        ("per_source_netblock_size", NetblockSize.parse),
+        ("penalty_exempt", parse_networks),
+    ):
+        try:
+            check(getattr(config.ssh, key))
+        except ValueError as exc:
+            raise ConfigError(f"{source}: 'ssh.{key}': {exc}") from None
     if config.audit.path:
         config = replace(config, audit=AuditSettings(str((base / config.audit.path).resolve())))
     return replace(

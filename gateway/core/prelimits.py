@@ -1,84 +1,85 @@
 """Limits on what an SSH client may do before and around authentication, as OpenSSH has.
 
-Pure rules, no I/O: randomness and time are passed in, so every decision is tested
-without sockets or clocks. The front (gateway/front/ssh.py) applies them.
+Pure rules, no I/O: time is passed in, so every decision is tested without sockets or
+clocks. The front (gateway/front/ssh.py) applies them. Who may start a handshake at all
+is gateway/core/admission.py.
 
-- MaxStartups random early drop: past START unauthenticated connections, a new one is
-  dropped with probability RATE%, rising linearly to 100% at FULL.
-- Per-source penalty: after N failed authentications from one address within a window,
-  that address is refused for the window's length. The table of addresses is bounded.
+- Per-source penalty: failed authentications from one address within a window refuse
+  that address for the window's length. A failure with keys counts per key: the first
+  failure of a key (for an app) from an address counts fully against the address, each
+  repeat of it a tenth, and a key that keeps failing is refused from that address on its
+  own. So one misconfigured client behind a shared address (NAT, a load balancer) does
+  not lock out the others, while many keys (a probe) or connections that never try a
+  key (a flood) still do. Addresses on an exemption list are never penalized. The table
+  of addresses is bounded.
 - The environment allow-list: which client `env` requests may reach a dyno.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from gateway.core.admission import in_networks
+
 # Enough for every address that failed recently on a busy host; a flood of addresses
 # evicts the least recently seen instead of growing memory.
 PENALTY_CAPACITY = 4096
+# A repeated failure of the same key from the same address weighs this share of a
+# first failure (a client retrying one wrong key is one mistake, not a probe).
+REPEAT_SHARE = 10
 # Client env values are for locales and time zones, and the run message to the manager
 # is one packet (64 KB): bound what one session may pass.
 MAX_ENV_VALUE = 1024
 MAX_ENV_VARS = 32
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 @dataclass(frozen=True)
-class Startups:
-    """OpenSSH's MaxStartups `start:rate:full` (already validated by gateway.config)."""
+class Penalized:
+    """What one failure started: a penalty for the whole address, and for which keys."""
 
-    start: int
-    rate: int
-    full: int
-
-    @classmethod
-    def parse(cls, text: str) -> Startups:
-        start, rate, full = (int(part) for part in text.split(":"))
-        if not 0 < start <= full or not 0 <= rate <= 100:
-            raise ValueError(f"max_startups must be START:RATE:FULL, got {text!r}")
-        return cls(start, rate, full)
-
-
-def drop_probability(unauthenticated: int, start: int, rate: int, full: int) -> float:
-    """The chance (0..1) that a new connection is dropped while `unauthenticated`
-    connections are waiting to authenticate (the new one not counted), as sshd computes it."""
-    if unauthenticated < start:
-        return 0.0
-    if unauthenticated >= full:
-        return 1.0
-    percent = rate + (100 - rate) * (unauthenticated - start) / (full - start)
-    return percent / 100
-
-
-def should_drop(
-    unauthenticated: int, start: int, rate: int, full: int, random_value: float
-) -> bool:
-    """Random early drop: `random_value` is uniform in [0, 1) (random.random())."""
-    return random_value < drop_probability(unauthenticated, start, rate, full)
+    source: bool = False
+    keys: tuple[str, ...] = ()
 
 
 @dataclass
 class _Source:
-    failures: list[float] = field(default_factory=list)  # times, newest last
+    keyless: list[float] = field(default_factory=list)  # failure times, newest last
+    keys: dict[str, list[float]] = field(default_factory=dict)  # key -> failure times
     refused_until: float = 0.0
+    keys_refused_until: dict[str, float] = field(default_factory=dict)
 
 
 class PenaltyBox:
-    """Failed authentications per source address, and the addresses refused for them.
+    """Failed authentications per source address, and the addresses (and keys from an
+    address) refused for them.
 
-    `failures` within `window` seconds refuse the address for `window` seconds (0 for
-    either disables the penalty). At most `capacity` addresses are remembered, the least
-    recently seen evicted first, so a flood of addresses costs bounded memory.
+    Within `window` seconds, an address is refused for `window` seconds once its failures
+    weigh `failures`: a failure without keys weighs 1, the first failure of a key 1, a
+    repeat of that key 1/REPEAT_SHARE. A key failing `failures` times from one address is
+    refused from it for `window` seconds. 0 for `failures` or `window` disables both.
+    Addresses in `exempt` are never penalized. At most `capacity` addresses are
+    remembered, the least recently seen evicted first, so a flood of addresses costs
+    bounded memory.
     """
 
-    def __init__(self, failures: int, window: float, capacity: int = PENALTY_CAPACITY) -> None:
+    def __init__(
+        self,
+        failures: int,
+        window: float,
+        capacity: int = PENALTY_CAPACITY,
+        exempt: Iterable[Network] = (),
+    ) -> None:
         self.failures = failures
         self.window = window
         self.capacity = capacity
+        self.exempt = tuple(exempt)
         self._sources: OrderedDict[str, _Source] = OrderedDict()
 
     @property
@@ -87,6 +88,9 @@ class PenaltyBox:
 
     def __len__(self) -> int:
         return len(self._sources)
+
+    def is_exempt(self, source: str) -> bool:
+        return in_networks(source, self.exempt)
 
     def refused_for(self, source: str, now: float) -> float:
         """Seconds `source` is still refused (0.0: let it in). A refused source counts as
@@ -97,24 +101,49 @@ class PenaltyBox:
         self._sources.move_to_end(source)
         return entry.refused_until - now
 
-    def failure(self, source: str, now: float) -> bool:
-        """Record a failed authentication; True when it starts a penalty for `source`."""
-        if not self.enabled:
-            return False
+    def key_refused_for(self, source: str, key: str, now: float) -> float:
+        """Seconds `key` is still refused from `source` (0.0: look at it)."""
+        entry = self._sources.get(source)
+        until = entry.keys_refused_until.get(key, 0.0) if entry else 0.0
+        return max(0.0, until - now)
+
+    def failure(self, source: str, now: float, keys: Iterable[str] = ()) -> Penalized:
+        """Record a connection from `source` that ended without authenticating, after
+        trying `keys` (none: it never tried one); what penalties that starts."""
+        if not self.enabled or self.is_exempt(source):
+            return Penalized()
         entry = self._sources.pop(source, None) or _Source()
         self._sources[source] = entry  # most recently seen last
         while len(self._sources) > self.capacity:
             self._sources.popitem(last=False)
         if entry.refused_until > now:
-            return False  # already refused (a connection from before the penalty)
+            return Penalized()  # already refused (a connection from before the penalty)
         horizon = now - self.window
-        entry.failures = [t for t in entry.failures if t > horizon]
-        entry.failures.append(now)
-        if len(entry.failures) < self.failures:
-            return False
-        entry.failures.clear()
+        entry.keyless = [t for t in entry.keyless if t > horizon]
+        recent = {k: [t for t in ts if t > horizon] for k, ts in entry.keys.items()}
+        entry.keys = {k: ts for k, ts in recent.items() if ts}
+        entry.keys_refused_until = {
+            k: until for k, until in entry.keys_refused_until.items() if until > now
+        }
+        keys = set(keys)
+        if not keys:
+            entry.keyless.append(now)
+        penalized_keys = []
+        for key in sorted(keys):
+            times = entry.keys.setdefault(key, [])
+            times.append(now)
+            if len(times) >= self.failures and key not in entry.keys_refused_until:
+                entry.keys_refused_until[key] = now + self.window
+                penalized_keys.append(key)
+        weight = len(entry.keyless) * REPEAT_SHARE + sum(
+            REPEAT_SHARE + len(times) - 1 for times in entry.keys.values()
+        )
+        if weight < self.failures * REPEAT_SHARE:
+            return Penalized(keys=tuple(penalized_keys))
+        entry.keyless.clear()
+        entry.keys.clear()
         entry.refused_until = now + self.window
-        return True
+        return Penalized(source=True, keys=tuple(penalized_keys))
 
 
 def env_allowed(name: str, patterns: Iterable[str]) -> bool:

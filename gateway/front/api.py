@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +62,15 @@ class PlatformAPI:
         self.attach_port = attach_port
         self._log_sessions: dict[str, LogSession] = {}
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One HTTP connection, possibly several requests (keep-alive)."""
+    async def handle(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        authenticated: Callable[[], None] = lambda: None,
+    ) -> None:
+        """One HTTP connection, possibly several requests (keep-alive). `authenticated`
+        is called when a request shows a valid token or log-session secret (it frees the
+        connection's admission slot, gateway/front/gate.py)."""
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
@@ -70,7 +78,7 @@ class PlatformAPI:
                     request, body = await self._read_request(conn, reader)
                 if request is None:
                     return
-                streamed = await self._answer(conn, request, body, reader, writer)
+                streamed = await self._answer(conn, request, body, reader, writer, authenticated)
                 if streamed or h11.MUST_CLOSE in (conn.our_state, conn.their_state):
                     return
                 conn.start_next_cycle()
@@ -113,6 +121,7 @@ class PlatformAPI:
         body: bytes,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        authenticated: Callable[[], None],
     ) -> bool:
         """Answer one request; True when it was a stream, after which the connection ends."""
         method, path = request.method.decode(), request.target.decode()
@@ -120,9 +129,10 @@ class PlatformAPI:
         try:
             name, params = api.route(method, path)
             if name == "log_stream":
-                await self.log_stream(conn, writer, reader, params["secret"])
+                await self.log_stream(conn, writer, reader, params["secret"], authenticated)
                 return True
             apps = self._authorize(headers)
+            authenticated()
             payload = json.loads(body) if body.strip() else None
             handler = getattr(self, name)
             status, answer = await handler(apps, params, payload, headers)
@@ -254,6 +264,7 @@ class PlatformAPI:
         writer: asyncio.StreamWriter,
         reader: asyncio.StreamReader,
         secret: str,
+        authenticated: Callable[[], None],
     ) -> None:
         """The app log as Server-Sent Events: history, then (tail) new lines until the
         client leaves. The URL's secret is the credential (EventSource sends no token)."""
@@ -263,6 +274,7 @@ class PlatformAPI:
                 conn, writer, 404, api.APIError(404, "not_found", "No such log session.").body()
             )
             return
+        authenticated()
         request = session.request
         link = await ManagerLink.open(self.manager_socket)
         try:

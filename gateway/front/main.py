@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -17,10 +18,11 @@ import asyncssh
 
 from gateway.config import Config, split_listen
 from gateway.front.api import PlatformAPI
+from gateway.front.gate import Gate, admission_limits, start_stream, start_tls
 from gateway.front.observe import Observer, serve_metrics
 from gateway.front.rendezvous import Rendezvous, RendezvousProtocol
 from gateway.front.sessions import ActiveSessions
-from gateway.front.ssh import ALGORITHMS, GatewayServer, PreAuthLimits, load_host_keys
+from gateway.front.ssh import ALGORITHMS, GatewayServer, PreAuthLimits, load_host_keys, start_ssh
 from gateway.keys import HOST_KEY_NAMES
 from gateway.store import Store
 from gateway.tls import SERVER_CERT, SERVER_KEY
@@ -30,6 +32,9 @@ Server = TypeVar("Server")
 # What the front writes on its ready pipe once every listener is open; a JSON line
 # {"table", "listen", "reason"} instead says which one could not be (see run()).
 READY = b"ready\n"
+# Accept queue of each listener: a burst is accepted (and then waits in its gate) rather
+# than left to SYN retries.
+BACKLOG = 1024
 
 
 async def serve(
@@ -51,34 +56,39 @@ async def serve(
         "public_address": config.ssh.public_address,
     }
     limits = PreAuthLimits(config.ssh)
+    _raise_open_files_limit(config)
+    options = await asyncssh.SSHServerConnectionOptions.construct(
+        server_factory=lambda: GatewayServer(store, context, limits),
+        server_host_keys=load_host_keys([str(config.keys_dir / n) for n in HOST_KEY_NAMES]),
+        **ALGORITHMS,
+        encoding=None,
+        line_editor=False,
+        agent_forwarding=False,
+        x11_forwarding=False,
+        allow_scp=False,
+        keepalive_interval=config.ssh.keepalive_interval,
+        keepalive_count_max=config.ssh.keepalive_count_max,
+        login_timeout=config.ssh.login_grace_time,
+    )
+    # asyncssh.create_server would start the SSH handshake on accept; the gate starts it
+    # once the connection is admitted (gateway/front/gate.py).
+    gates = [
+        Gate("ssh", admission_limits(config.ssh), observer, start_ssh(options), limits.refusal)
+    ]
+    loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer] = []
     try:
         servers.append(
             await _listen(
                 "ssh",
                 config.ssh.listen,
-                asyncssh.create_server(
-                    lambda: GatewayServer(store, context, limits),
-                    host,
-                    port,
-                    server_host_keys=load_host_keys(
-                        [str(config.keys_dir / n) for n in HOST_KEY_NAMES]
-                    ),
-                    **ALGORITHMS,
-                    encoding=None,
-                    line_editor=False,
-                    agent_forwarding=False,
-                    x11_forwarding=False,
-                    allow_scp=False,
-                    keepalive_interval=config.ssh.keepalive_interval,
-                    keepalive_count_max=config.ssh.keepalive_count_max,
-                    login_timeout=config.ssh.login_grace_time,
-                    reuse_address=True,
+                loop.create_server(
+                    gates[0].protocol, host, port, reuse_address=True, backlog=BACKLOG
                 ),
             )
         )
         log.info("SSH listening on %s:%d", host, port)
-        servers += await _heroku_listeners(config, store, sessions, observer)
+        servers += await _heroku_listeners(config, store, sessions, observer, gates)
         if config.metrics.listen:
             m_host, m_port = split_listen(config.metrics.listen)
             servers.append(
@@ -96,7 +106,6 @@ async def serve(
         os.write(ready_fd, READY)
         os.close(ready_fd)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     if lifeline_fd is not None:
         loop.add_reader(lifeline_fd, stop.set)
@@ -104,16 +113,20 @@ async def serve(
     log.info("SSH front stopping: no new connections")
     for listener in servers:
         listener.close()
+    for gate in gates:
+        gate.close()
     await sessions.drain(config.shutdown.drain_timeout)
     for listener in servers:
         await listener.wait_closed()
+    observer.close()
     log.info("SSH front stopped")
 
 
 async def _heroku_listeners(
-    config: Config, store: Store, sessions: ActiveSessions, observer: Observer
+    config: Config, store: Store, sessions: ActiveSessions, observer: Observer, gates: list[Gate]
 ) -> list[asyncio.AbstractServer]:
-    """The rendezvous port (TLS) and the Platform API the heroku CLI talks to."""
+    """The rendezvous port (TLS) and the Platform API the heroku CLI talks to, each
+    behind a gate of its own (the [ssh] admission settings, their own slots)."""
     if not config.rendezvous.listen or not config.api.listen:
         return []
     rendezvous = Rendezvous(
@@ -124,29 +137,56 @@ async def _heroku_listeners(
     context.load_cert_chain(config.keys_dir / SERVER_CERT, config.keys_dir / SERVER_KEY)
     r_host, r_port = split_listen(config.rendezvous.listen)
     loop = asyncio.get_running_loop()
+    limits = admission_limits(config.ssh)
+    # The TLS handshake starts once the gate admits the connection.
+    rendezvous_gate = Gate(
+        "rendezvous", limits, observer,
+        start_tls(context, lambda p: RendezvousProtocol(rendezvous, p.settle), 10),
+    )  # fmt: skip
     rendezvous_server = await _listen(
         "rendezvous",
         config.rendezvous.listen,
         loop.create_server(
-            lambda: RendezvousProtocol(rendezvous), r_host, r_port, ssl=context,
-            ssl_handshake_timeout=10, reuse_address=True,
+            rendezvous_gate.protocol, r_host, r_port, reuse_address=True, backlog=BACKLOG
         ),
-    )  # fmt: skip
+    )
     platform = PlatformAPI(
         store, rendezvous, config.manager_socket, config.rendezvous.public_host, r_port
     )
     a_host, a_port = split_listen(config.api.listen)
+    api_gate = Gate(
+        "api", limits, observer, start_stream(lambda r, w, p: platform.handle(r, w, p.settle))
+    )
     try:
         api_server = await _listen(
             "api",
             config.api.listen,
-            asyncio.start_server(platform.handle, a_host, a_port, reuse_address=True),
+            loop.create_server(
+                api_gate.protocol, a_host, a_port, reuse_address=True, backlog=BACKLOG
+            ),
         )
     except ListenFailed:
         rendezvous_server.close()
         raise
+    gates += [rendezvous_gate, api_gate]
     log.info("rendezvous listening on %s:%d, API on %s:%d", r_host, r_port, a_host, a_port)
     return [rendezvous_server, api_server]
+
+
+def _raise_open_files_limit(config: Config) -> None:
+    """Room for what the gates may hold (each listener's slots and waiting room) and the
+    sessions: raise the soft open-files limit to the hard one, and say if that is short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max(soft, 65536) if hard == resource.RLIM_INFINITY else hard
+    if wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    limits = admission_limits(config.ssh)
+    held = 3 * (limits.slots + limits.waiting) + 4 * config.dynos.max_per_host
+    if wanted < held:
+        log.warning(
+            "open files limit %d is below what admission and sessions may hold (%d): "
+            "raise it (LimitNOFILE=) or lower max_startups and max_waiting", wanted, held,
+        )  # fmt: skip
 
 
 class ListenFailed(Exception):

@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h11
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from gateway.audit import AuditLog
+from gateway.core.refusals import RefusalDigest
 from gateway.front.link import ManagerLink, ManagerUnavailable
 
 log = logging.getLogger("gateway.front")
@@ -35,19 +37,84 @@ BYTES = Counter(
 )  # fmt: skip
 
 
+UNAUTHENTICATED = Gauge(
+    "gateway_unauthenticated_connections",
+    "Connections not yet authenticated, by listener and state (handshake, waiting)",
+    ["listener", "state"], registry=REGISTRY,
+)  # fmt: skip
+
+
 class Observer:
     """One per front process: the audit trail and the metrics, behind plain calls."""
 
-    def __init__(self, audit_path: Path) -> None:
+    def __init__(self, audit_path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.audit = AuditLog(audit_path)
+        self._refusals = RefusalDigest()
+        self._clock = clock
+        self._flush: asyncio.TimerHandle | None = None
 
     def connected(self, conn: str, source: str) -> None:
         CONNECTIONS.labels("admitted").inc()
         self.audit.event("connect", conn=conn, source=source)
 
-    def refused(self, conn: str, source: str, reason: str) -> None:
+    def refused(self, listener: str, conn: str, source: str, reason: str, detail: str = "") -> None:
+        """A connection refused before authenticating: in the log and the audit trail
+        the first of its listener, source and reason per interval, then one summary with
+        the count (gateway/core/refusals.py), so a flood cannot grow either without bound."""
         CONNECTIONS.labels("refused").inc()
-        self.audit.event("connect_refused", conn=conn, source=source, reason=reason)
+        now = self._clock()
+        self.flush_refusals()
+        if self._refusals.refused(listener, source, reason, now):
+            log.info(
+                "connection refused conn=%s source=%s reason=%s listener=%s%s",
+                conn, source, reason, listener, f" {detail}" if detail else "",
+            )  # fmt: skip
+            self.audit.event(
+                "connect_refused", conn=conn, source=source, reason=reason, listener=listener
+            )
+        self._schedule_flush()
+
+    def flush_refusals(self, force: bool = False) -> None:
+        """Write the summaries of a finished interval (`force`: at shutdown, whatever
+        the interval)."""
+        now = self._clock()
+        for summary in self._refusals.flush(now, force):
+            seconds = round(now - summary.since)
+            log.info(
+                "connections refused source=%s reason=%s listener=%s count=%d seconds=%d",
+                summary.source, summary.reason, summary.listener, summary.count, seconds,
+            )  # fmt: skip
+            self.audit.event(
+                "connect_refused_summary", source=summary.source, reason=summary.reason,
+                listener=summary.listener, count=summary.count, seconds=seconds,
+            )  # fmt: skip
+
+    def _schedule_flush(self) -> None:
+        due = self._refusals.due()
+        if due is None or self._flush is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (tests of the bookkeeping): summaries come with close()
+        self._flush = loop.call_later(max(0.0, due - self._clock()), self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._flush = None
+        self.flush_refusals()
+        self._schedule_flush()
+
+    def pending(self, listener: str, active: int, waiting: int) -> None:
+        UNAUTHENTICATED.labels(listener, "handshake").set(active)
+        UNAUTHENTICATED.labels(listener, "waiting").set(waiting)
+
+    def close(self) -> None:
+        """At shutdown: what is left to summarize, then the audit trail is closed."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        self.flush_refusals(force=True)
+        self.audit.close()
 
     def authenticated(self, conn: str, app: str, key: str, source: str, accepted: bool) -> None:
         result = "accepted" if accepted else "refused"

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.core.dyno import Exit
@@ -86,8 +87,11 @@ def _key(secret: str) -> str:
 
 
 class RendezvousProtocol(asyncio.Protocol):
-    def __init__(self, rendezvous: Rendezvous) -> None:
+    def __init__(self, rendezvous: Rendezvous, admitted: Callable[[], None] = lambda: None) -> None:
+        """`admitted` is called once the client has shown a valid secret or has gone
+        (it frees the connection's admission slot, gateway/front/gate.py)."""
         self.rendezvous = rendezvous
+        self._admitted = admitted
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._attachment: Attachment | None = None
@@ -125,6 +129,7 @@ class RendezvousProtocol(asyncio.Protocol):
             return
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        self._admitted()
         assert self._transport is not None
         transport = self._transport
         self._pending = pending
@@ -161,6 +166,7 @@ class RendezvousProtocol(asyncio.Protocol):
             self._attachment.resume_output()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._admitted()
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         if self._task is not None and not self._task.done():

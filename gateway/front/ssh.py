@@ -1,36 +1,35 @@
 """SSH authentication and session set-up: the user name is the app, keys are per app.
 
 An unknown app and a wrong key look the same to the client: both are a refused key.
-Before authentication the OpenSSH-style limits of gateway/core/prelimits.py apply:
-random early drop of unauthenticated connections, a per-source penalty, max auth tries
-and, once in, max sessions per connection. Each refusal is one log line with its reason.
+Before authentication: admission (gateway/front/gate.py: who may start a handshake, who
+waits), then the OpenSSH-style limits of gateway/core/prelimits.py: a per-source (and
+per key and source) penalty, max auth tries and, once in, max sessions per connection.
+Each refusal is one log line with its reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import itertools
 import logging
-import os
-import random
 import re
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import asyncssh
 
 from gateway.config import SSHSettings
-from gateway.core.prelimits import PenaltyBox, Startups, should_drop
+from gateway.core.admission import parse_networks
+from gateway.core.prelimits import Penalized, PenaltyBox
 from gateway.front.channel import adopt
+from gateway.front.gate import Pending, Start, connection_id, feed
 from gateway.front.observe import Observer
 from gateway.front.session import DynoSession, SessionContext
 from gateway.store import Store
 
 log = logging.getLogger("gateway.front")
-
-_ids = itertools.count(1)
 
 # Offered algorithms (docs/configuration.md, "Algorithms"; what each common client picks:
 # docs/clients.md): nothing ssh-audit fails (no NIST curves, SHA-1, GEX or small groups;
@@ -91,49 +90,50 @@ def load_host_keys(paths: Sequence[str]) -> list[asyncssh.SSHKeyPair]:
 
 
 class PreAuthLimits:
-    """Front-wide state behind the pre-auth limits: how many connections have not yet
-    authenticated, and which sources are penalized. One per SSH listener."""
+    """Front-wide state behind the pre-auth limits: which sources (and keys from a
+    source) are penalized, and the per-connection limits. One per SSH listener."""
 
-    def __init__(
-        self,
-        settings: SSHSettings,
-        rng: Callable[[], float] = random.random,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.startups = Startups.parse(settings.max_startups)
-        self.penalties = PenaltyBox(settings.penalty_failures, settings.penalty_time)
+    def __init__(self, settings: SSHSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.penalties = PenaltyBox(
+            settings.penalty_failures,
+            settings.penalty_time,
+            exempt=parse_networks(settings.penalty_exempt),
+        )
         self.max_auth_tries = settings.max_auth_tries
         self.max_sessions = settings.max_sessions
         self.login_grace_time = settings.login_grace_time
-        self.unauthenticated = 0
-        self._rng = rng
         self._clock = clock
 
-    def admit(self, source: str) -> str | None:
-        """Why a new connection from `source` is dropped, or None: then it counts as
-        unauthenticated until `settled()`."""
+    def refusal(self, source: str) -> tuple[str, str] | None:
+        """Why a new connection from `source` is refused before it counts (reason,
+        detail), or None."""
         remaining = self.penalties.refused_for(source, self._clock())
-        if remaining:
-            return f"penalty remaining={remaining:.0f}s"
-        start, rate, full = self.startups.start, self.startups.rate, self.startups.full
-        if should_drop(self.unauthenticated, start, rate, full, self._rng()):
-            return f"max_startups unauthenticated={self.unauthenticated}"
-        self.unauthenticated += 1
-        return None
+        return ("penalty", f"remaining={remaining:.0f}s") if remaining else None
 
-    def settled(self) -> None:
-        """An admitted connection authenticated or went away."""
-        self.unauthenticated -= 1
+    def key_refused(self, source: str, key: str) -> float:
+        """Seconds `key` (`APP FINGERPRINT`) is still refused from `source`."""
+        return self.penalties.key_refused_for(source, key, self._clock())
 
-    def failed(self, source: str) -> bool:
-        """A connection from `source` ended without authenticating after a refused key;
-        True when that starts a penalty."""
-        return self.penalties.failure(source, self._clock())
+    def failed(self, source: str, keys: Iterable[str]) -> Penalized:
+        """A connection from `source` ended without authenticating after trying `keys`
+        (none: it never tried one); the penalties that starts."""
+        return self.penalties.failure(source, self._clock(), keys)
 
 
-def connection_id() -> str:
-    """Short, unique within this front process, and unguessable across restarts."""
-    return f"{os.getpid():x}.{next(_ids)}"
+def start_ssh(options: asyncssh.SSHServerConnectionOptions) -> Start:
+    """The SSH listener's hand-over (gateway/front/gate.py): an admitted connection gets
+    its asyncssh connection now, as asyncssh's own listener would make it on accept (so
+    its version exchange and login timer start now), with its admission in extra info."""
+
+    def start(transport: asyncio.Transport, pending: Pending, early: bytes) -> None:
+        conn = asyncssh.SSHServerConnection(asyncio.get_running_loop(), options)
+        conn.set_extra_info(admission=pending)
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        feed(conn, early)
+        transport.resume_reading()
+
+    return start
 
 
 class GatewayServer(asyncssh.SSHServer):
@@ -141,14 +141,15 @@ class GatewayServer(asyncssh.SSHServer):
         self.store = store
         self.context = context
         self.limits = limits
-        self.id = connection_id()
+        self.id = "?"
         self.app = ""
         self.source = "?"
         self._conn: asyncssh.SSHServerConnection | None = None
         self._key = "?"
-        self._pending = False  # admitted, not yet authenticated: counts in limits
-        self._dropped = False
+        self._pending: Pending | None = None  # its admission, until authenticated
+        self._authenticated = False
         self._failures = 0
+        self._tried: set[str] = set()  # refused "APP FINGERPRINT"s, for the penalty
         self._closing = False  # max_auth_tries reached: nothing more is accepted
         self._looks: dict[str, int] = {}  # accepted "app key" -> times validated
         self._sessions = 0
@@ -156,19 +157,12 @@ class GatewayServer(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
+        self._pending = conn.get_extra_info("admission")
         peer = conn.get_extra_info("peername") or ("?", 0)
-        self.source = str(peer[0])
-        refusal = self.limits.admit(self.source)
-        if refusal is not None:
-            # Before asyncssh sends its banner: nothing more is spent on it.
-            self._dropped = True
-            log.info(
-                "connection refused conn=%s source=%s reason=%s", self.id, self.source, refusal
-            )
-            self.observer.refused(self.id, self.source, refusal)
-            conn.abort()
-            return
-        self._pending = True
+        if self._pending is not None:
+            self.id, self.source = self._pending.conn, self._pending.source
+        else:  # not through a gate
+            self.id, self.source = connection_id(), str(peer[0])
         sock = conn.get_extra_info("socket")
         if sock is not None and hasattr(socket, "TCP_QUICKACK"):
             # OpenSSH leaves Nagle on for non-PTY sessions; with our delayed ACK that
@@ -185,34 +179,46 @@ class GatewayServer(asyncssh.SSHServer):
                 received(data, *args)
 
             conn.data_received = data_received  # type: ignore[method-assign]
-        log.info("connection opened conn=%s peer=%s:%s", self.id, peer[0], peer[1])
+        waited = f" waited={self._pending.waited:.1f}s" if self._pending else ""
+        log.info("connection opened conn=%s peer=%s:%s%s", self.id, peer[0], peer[1], waited)
         self.observer.connected(self.id, self.source)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._dropped:
-            return
-        if self._pending:
-            self._pending = False
-            self.limits.settled()
-            if isinstance(exc, asyncssh.ConnectionLost) and exc.reason == LOGIN_TIMEOUT:
-                log.info(
-                    "connection refused conn=%s app=%s source=%s reason=login_grace_time "
-                    "grace=%ds",
-                    self.id, shown(self.app or "-"), self.source, self.limits.login_grace_time,
-                )  # fmt: skip
-                self.observer.refused(self.id, self.source, "login_grace_time")
-            if self._failures and self.limits.failed(self.source):
-                log.info(
-                    "source penalized source=%s penalty_failures=%d penalty_time=%ds",
-                    self.source,
-                    self.limits.penalties.failures,
-                    self.limits.penalties.window,
-                )
+        if self._pending is not None:
+            self._pending.settle()
+            self._pending = None
+        if not self._authenticated:
+            timed_out = isinstance(exc, asyncssh.ConnectionLost) and exc.reason == LOGIN_TIMEOUT
+            if timed_out:
+                detail = f"app={shown(self.app or '-')} grace={self.limits.login_grace_time}s"
+                self.observer.refused("ssh", self.id, self.source, "login_grace_time", detail)
+            self._penalize(timed_out)
         reason = f" reason={exc}" if exc else ""
         log.info(
             "connection closed conn=%s app=%s source=%s%s",
             self.id, shown(self.app or "-"), self.source, reason,
         )  # fmt: skip
+
+    def _penalize(self, timed_out: bool) -> None:
+        """A connection ended without authenticating. It counts against its source if it
+        tried keys (each key counted per source), or, without keys, if it spoke SSH (a
+        version line) or ran out its login grace: a flood of half-open connections. A
+        port probe that sends nothing and leaves is no failure."""
+        spoke = self._conn is not None and self._conn.get_extra_info("client_version")
+        if not (self._tried or spoke or timed_out):
+            return
+        penalized = self.limits.failed(self.source, self._tried)
+        for key in penalized.keys:
+            app, fingerprint = key.rsplit(" ", 1)
+            log.info(
+                "key penalized app=%s key=%s source=%s penalty_time=%ds",
+                app, fingerprint, self.source, self.limits.penalties.window,
+            )  # fmt: skip
+        if penalized.source:
+            log.info(
+                "source penalized source=%s penalty_failures=%d penalty_time=%ds",
+                self.source, self.limits.penalties.failures, self.limits.penalties.window,
+            )  # fmt: skip
 
     def begin_auth(self, username: str) -> bool:
         self.app = username
@@ -229,10 +235,14 @@ class GatewayServer(asyncssh.SSHServer):
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         fingerprint = key.get_fingerprint("sha256")
+        seen = f"{shown(username)} {fingerprint}"
+        penalty = self.limits.key_refused(self.source, seen)
+        if penalty:
+            self._failed(username, fingerprint, "key refused", f" penalty={penalty:.0f}s")
+            return False
         if self.store.has_key(username, fingerprint):
             # asyncssh asks once for a key query and once more for its signature, which
             # it checks after us: a third ask means a signature failed.
-            seen = f"{username} {fingerprint}"
             looks = self._looks[seen] = self._looks.get(seen, 0) + 1
             if looks > 2:
                 self._failed(username, fingerprint, "bad signature")
@@ -241,12 +251,13 @@ class GatewayServer(asyncssh.SSHServer):
         self._failed(username, fingerprint, "key refused")
         return False
 
-    def _failed(self, username: str, fingerprint: str, what: str) -> None:
+    def _failed(self, username: str, fingerprint: str, what: str, detail: str = "") -> None:
         """One failed attempt; past max_auth_tries the connection is closed."""
         self._failures += 1
+        self._tried.add(f"{shown(username)} {fingerprint}")
         log.info(
-            "%s conn=%s app=%s key=%s source=%s failures=%d",
-            what, self.id, shown(username), fingerprint, self.source, self._failures,
+            "%s conn=%s app=%s key=%s source=%s failures=%d%s",
+            what, self.id, shown(username), fingerprint, self.source, self._failures, detail,
         )  # fmt: skip
         self.observer.authenticated(self.id, shown(username), fingerprint, self.source, False)
         limit = self.limits.max_auth_tries
@@ -261,9 +272,10 @@ class GatewayServer(asyncssh.SSHServer):
             )
 
     def auth_completed(self) -> None:
-        if self._pending:
-            self._pending = False
-            self.limits.settled()
+        self._authenticated = True
+        if self._pending is not None:
+            self._pending.settle()
+            self._pending = None
         log.info(
             "auth accepted conn=%s app=%s key=%s source=%s",
             self.id, self.app, self._key, self.source,
