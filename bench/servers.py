@@ -258,7 +258,7 @@ class Gateway(Server):
     def setup(self) -> None:
         """Write the config and create the sample app with the bench's key. Settings an
         older gateway does not know (--gateway-tree) are left out."""
-        from gateway.cli import pack_dir
+        from gateway.cli.serving import pack_dir
 
         self.root.mkdir(parents=True, exist_ok=True)
         settings = self.settings()

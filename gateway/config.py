@@ -224,7 +224,7 @@ def split_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
+def _build(cls: Any, data: dict[str, Any], where: str, source: str) -> Any:
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls) if f.name != "source"}
     kwargs: dict[str, Any] = {}
@@ -273,7 +273,7 @@ def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
 
 def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = None) -> Config:
     """Build a Config from parsed TOML, checking every key and value."""
-    config = _build(Config, data, "", source)
+    config: Config = _build(Config, data, "", source)
     if config.dynos.sandbox not in SANDBOXES:
         raise ConfigError(
             f"{source}: 'dynos.sandbox' must be one of {', '.join(SANDBOXES)}, "

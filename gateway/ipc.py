@@ -1,7 +1,7 @@
-"""Packing front <-> manager packets with their file descriptors (SCM_RIGHTS).
-
-Each side sends and receives with its own event loop's socket calls; this module only
-turns (message, fds) into (bytes, ancillary data) and back.
+"""Front <-> manager packets with their file descriptors (SCM_RIGHTS), for either side's
+event loop (or none): turning a `Conversation`'s bytes and descriptors into what a
+socket sends, and a received packet back into a message, and the errors every client of
+the manager shares.
 """
 
 from __future__ import annotations
@@ -9,16 +9,31 @@ from __future__ import annotations
 import array
 import os
 import socket
-from typing import Any
 
-from gateway.core.messages import MAX_PACKET, BadMessage, decode
+from gateway.core.protocol import MAX_PACKET, Conversation, Message, RemoteProtocolError
 
 MAX_FDS = 4
 ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 RECV_SIZE = MAX_PACKET
 
 
-def ancillary(fds: list[int]) -> list[tuple[int, int, bytes]]:
+class ManagerError(Exception):
+    """The dyno manager could not answer a request; the message is fit for the user."""
+
+
+class ManagerUnavailable(ManagerError):
+    """The dyno manager cannot be reached (not running, or restarting)."""
+
+
+class ManagerGone(ManagerError):
+    """The manager closed the connection before the conversation ended."""
+
+
+class ManagerRefused(ManagerError):
+    """The manager refused the request (Refused): its words are for the user."""
+
+
+def ancillary(fds: list[int] | tuple[int, ...]) -> list[tuple[int, int, bytes]]:
     """The ancillary data that passes `fds` along with a packet."""
     if not fds:
         return []
@@ -34,17 +49,22 @@ def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return list(fds)
 
 
-def unpack(
-    data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int
-) -> tuple[dict[str, Any], list[int]]:
-    """Decode a received packet; on a malformed or truncated one, close any fds it carried
-    and raise BadMessage, so a bad peer cannot leak descriptors into us."""
+def read_packet(
+    conversation: Conversation, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int
+) -> tuple[Message, list[int]]:
+    """The message in a received packet and the descriptors it carried. On a malformed,
+    truncated or out-of-order one, its descriptors are closed and RemoteProtocolError
+    raised, so a bad peer cannot leak descriptors into us."""
     fds = received_fds(ancdata)
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            raise BadMessage("packet or its descriptors truncated")
-        return decode(data), fds
-    except Exception:
-        for fd in fds:
-            os.close(fd)
+            raise RemoteProtocolError("packet or its descriptors truncated")
+        return conversation.receive(data, len(fds)), fds
+    except BaseException:
+        close_all(fds)
         raise
+
+
+def close_all(fds: list[int] | tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)

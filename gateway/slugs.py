@@ -12,6 +12,7 @@ import errno
 import gzip
 import hashlib
 import os
+import secrets
 import shutil
 import stat
 import tarfile
@@ -21,10 +22,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from gateway.core.procfile import ProcfileError, parse_procfile
 from gateway.core.slug import MAX_MEMBERS, Member, SlugRefused, app_paths, plan
+from gateway.store import Release, Store
 
 __all__ = ["SlugRefused", "UnpackedSlug", "remove_tree", "unpack"]
 
@@ -164,6 +166,13 @@ class _Budget:
         return data
 
 
+# Not HeaderError as a whole: tarfile ends an archive on its Empty/EOFHeaderError.
+_BAD_HEADERS: tuple[type[Exception], ...] = (
+    tarfile.TruncatedHeaderError,  # type: ignore[attr-defined]  # tarfile has it, typeshed not
+    tarfile.InvalidHeaderError,  # type: ignore[attr-defined]  # (the same)
+)
+
+
 class _TarInfo(tarfile.TarInfo):
     """TarInfo that refuses corrupt headers and huge extended headers.
 
@@ -172,20 +181,22 @@ class _TarInfo(tarfile.TarInfo):
     """
 
     @classmethod
-    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> "_TarInfo":
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> "_TarInfo":
         try:
             return super().frombuf(buf, encoding, errors)
-        except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+        except _BAD_HEADERS as e:
             raise _not_tar(e) from None
 
     def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
         # tarfile documents _proc_member() as the hook for subclasses.
         if self.type in _EXT_TYPES and self.size > _MAX_EXT_HEADER:
             raise SlugRefused(f"tar extended header of {self.size} bytes is too large")
-        return super()._proc_member(archive)
+        # A private hook typeshed does not list (tarfile's docs name it for subclasses).
+        processed: tarfile.TarInfo = super()._proc_member(archive)  # type: ignore[misc]
+        return processed
 
 
-def _not_tar(error: BaseException) -> SlugRefused:
+def _not_tar(error: BaseException | str) -> SlugRefused:
     return SlugRefused(f"not a gzipped tar archive: {error}")
 
 
@@ -210,8 +221,10 @@ def _open_tar(
         source = _Source(raw, meter)
         with (
             _tar_errors(),
-            gzip.GzipFile(fileobj=source, mode="rb") as unzipped,
-            tarfile.open(fileobj=_Budget(unzipped, budget), mode="r|", tarinfo=_TarInfo) as tar,
+            gzip.GzipFile(fileobj=cast(BinaryIO, source), mode="rb") as unzipped,
+            tarfile.open(
+                fileobj=cast(BinaryIO, _Budget(unzipped, budget)), mode="r|", tarinfo=_TarInfo
+            ) as tar,
         ):
             yield tar, source
 
@@ -374,3 +387,46 @@ def _seal(root: Path) -> None:
     """Make every directory read-only (0o555); files were sealed as they were written."""
     for top, _, _ in os.walk(root, topdown=False):
         os.chmod(top, 0o555)
+
+
+def import_release(
+    store: Store,
+    app: str,
+    slug: Path,
+    releases_dir: Path,
+    slugs_dir: Path,
+    max_unpacked_bytes: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Release, UnpackedSlug]:
+    """Check and unpack `slug` and record it as the app's next release vN, in one step:
+    the tree and a copy of the slug are renamed into `releases_dir/APP/vN` and
+    `slugs_dir/APP/vN.tgz` inside the transaction that allocates vN, so a failure at any
+    point records nothing and leaves nothing. SlugRefused says why a slug is refused."""
+    release_root = releases_dir / app
+    slug_root = slugs_dir / app
+    release_root.mkdir(parents=True, exist_ok=True)
+    slug_root.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    incoming = release_root / f".incoming-{token}"
+    incoming_slug = slug_root / f".incoming-{token}.tgz"
+    unpacked = unpack(slug, incoming, max_unpacked_bytes, progress=progress)
+    try:
+        shutil.copyfile(slug, incoming_slug)
+
+        def place(version: int) -> None:
+            incoming.rename(release_root / f"v{version}")
+            incoming_slug.rename(slug_root / f"v{version}.tgz")
+
+        release = store.add_release(
+            app,
+            unpacked.sha256,
+            unpacked.size,
+            unpacked.unpacked_bytes,
+            unpacked.procfile,
+            place=place,
+        )
+    finally:
+        if incoming.exists():
+            remove_tree(incoming)
+        incoming_slug.unlink(missing_ok=True)
+    return release, unpacked

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.core import messages
 from gateway.core.authorized_keys import BadKey, parse_line, parse_text
 from gateway.core.dyno import BadTransition, Exit, State, transition
 from gateway.core.environment import dyno_env
-from gateway.core.messages import Pty
 from gateway.core.names import (
     PLATFORM_VARS,
     InvalidName,
@@ -21,6 +19,7 @@ from gateway.core.names import (
     check_config_var,
     parse_dyno_name,
 )
+from gateway.core.protocol import Pty
 
 
 @pytest.mark.parametrize("name", ["abc", "my-app-2", "a" * 30])
@@ -93,32 +92,6 @@ def test_authorized_keys_text_skips_comments_and_refuses_options(tmp_path: Path)
         parse_line("ssh-ed25519 !!!")
     with pytest.raises(BadKey, match="no public key found"):
         parse_text("# nothing\n")
-
-
-def test_run_messages_are_checked_field_by_field() -> None:
-    data = messages.encode(
-        "run", app="a", command="ls", pty={"term": "xterm", "cols": 80, "rows": 24},
-        env={}, connection="c1",
-    )  # fmt: skip
-    request = messages.run_request(messages.decode(data))
-    assert request.pty == messages.Pty("xterm", 80, 24)
-    for bad in (b"not json", b"[1]", b'{"type": 3}'):
-        with pytest.raises(messages.BadMessage):
-            messages.decode(bad)
-    with pytest.raises(messages.BadMessage, match="'app' must be a string"):
-        messages.run_request({"type": "run", "app": 1, "connection": "c"})
-    with pytest.raises(messages.BadMessage, match="pty size"):
-        messages.run_request(
-            {
-                "type": "run",
-                "app": "a",
-                "connection": "c",
-                "pty": {"term": "x", "cols": -1, "rows": 1},
-            }
-        )
-    with pytest.raises(messages.BadMessage, match="not allowed"):
-        messages.signal_name({"type": "signal", "name": "STOP"})
-    assert messages.signal_name({"type": "signal", "name": "INT"}) == "INT"
 
 
 def test_dyno_states_never_come_back_from_an_end() -> None:

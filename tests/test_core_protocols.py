@@ -7,7 +7,8 @@ import subprocess
 import pytest
 
 from gateway.core import commands, platform_api
-from gateway.core.commands import DynoRow, ago, format_ps, size_label
+from gateway.core.commands import ago, format_ps, size_label
+from gateway.core.protocol import DynoInfo
 from gateway.core.rendezvous import BadHandshake, exit_marker, read_secret, strip_exit_suffix
 
 
@@ -75,7 +76,7 @@ def test_unquote_word_leaves_everything_else(text: str) -> None:
 
 
 def test_ps_format_matches_heroku() -> None:
-    rows = [DynoRow("run.1", "standard-1x", "up", 0.0, "bash")]
+    rows = [DynoInfo("run.1", "standard-1x", "up", 0.0, "bash", True, 0.0, 1)]
     assert format_ps(rows, now=90.0) == (
         "=== run: one-off processes (1)\n"
         "run.1 (Standard-1X): up 1970/01/01 00:00:00 +0000 (~ 1m ago): bash\n"

@@ -171,3 +171,24 @@ def test_paramiko_client_runs_a_command(gateway: Gateway) -> None:
         assert stdout.channel.recv_exit_status() == 4
     finally:
         client.close()
+
+
+def test_a_long_command_runs_and_one_too_long_for_exec_is_refused_clearly(
+    gateway: Gateway,
+) -> None:
+    """As long as one exec argument can be (128 KiB, OpenSSH's client has the same limit)
+    runs; longer, which only a program can send, gets a clear error and exit status 1
+    from the gateway, not a dropped session."""
+    app = gateway.new_app()
+    ran = gateway.ssh(app, "echo " + "x" * 100_000 + " | wc -c")
+    assert (ran.returncode, ran.stdout) == (0, b"100001\n"), ran.stderr
+
+    async def too_long() -> asyncssh.SSHCompletedProcess:
+        async with gateway.connect(app) as conn:
+            return await conn.run("echo " + "x" * 200_000)
+
+    refused = asyncio.run(too_long())
+    assert refused.exit_status == 1
+    assert "gateway: the command is 200005 bytes, more than the 131071" in str(refused.stderr)
+    assert "bash < script.sh" in str(refused.stderr)
+    assert gateway.ssh(app, "echo ok").stdout == b"ok\n"  # and the gateway is fine

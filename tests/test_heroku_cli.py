@@ -273,3 +273,13 @@ def test_bad_rendezvous_clients_are_closed_and_r13_ends_unclaimed_dynos(
     assert wait_until(lambda: "Process exited with status 128" in logs(), 10), logs()
     assert "Error R13 (Attach error) -> Failed to attach to process" in logs()
     assert hk.run("run", "-a", hk.app, "--", "echo", "unharmed").stdout == b"unharmed\n"
+
+
+def test_a_command_too_long_for_exec_gets_an_http_error_not_a_drop(heroku: Heroku) -> None:
+    body = {"command": "echo " + "x" * 200_000, "attach": False}
+    status, answer = heroku.api("POST", f"/apps/{heroku.app}/dynos", body)
+    assert status == 422, answer
+    assert "more than the 131071 one process argument can hold" in answer["message"]  # type: ignore[index]
+    body = {"command": "echo " + "x" * 600_000, "attach": False}
+    status, answer = heroku.api("POST", f"/apps/{heroku.app}/dynos", body)
+    assert status == 400 and "too large" in answer["message"]  # type: ignore[index]

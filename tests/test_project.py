@@ -24,7 +24,27 @@ def test_import_rules_hold() -> None:
     lint = Path(sys.executable).with_name("lint-imports")
     result = subprocess.run([str(lint)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 kept, 0 broken" in result.stdout
+    assert re.search(r"\b(\d+) kept, 0 broken", result.stdout), result.stdout
+
+
+def test_no_import_circle_and_no_module_over_500_lines() -> None:
+    """Rooms with one job each: no two modules of gateway/ import each other, however
+    indirectly (runtime and type-checking imports alike), and none grows past 500 lines."""
+    import grimp
+
+    graph = grimp.build_graph("gateway")
+    modules = sorted(graph.modules)
+    circles = []
+    for module in modules:
+        for imported in graph.find_modules_directly_imported_by(module):
+            if imported != module and graph.chain_exists(imported, module):
+                circles.append(graph.find_shortest_chain(imported, module))
+    assert not circles, f"import circles: {circles[:3]}"
+    sizes = {
+        path.relative_to(REPO): len(path.read_text().splitlines())
+        for path in (REPO / "gateway").rglob("*.py")
+    }
+    assert not {path: n for path, n in sizes.items() if n > 500}
 
 
 def quick_start() -> list[str]:

@@ -25,8 +25,8 @@ import pytest
 
 from gateway.config import SizeSettings
 from gateway.core.environment import dyno_env
-from gateway.core.messages import Pty
-from gateway.manager import bwrap as bw
+from gateway.core.protocol import Pty
+from gateway.manager import bwrap_args as bw
 from gateway.manager import limits
 from gateway.manager.sandbox import DynoSpec
 from tests import test_exec, test_interactive
@@ -658,7 +658,9 @@ def test_without_root_a_dyno_runs_in_a_user_namespace() -> None:
             "from gateway.manager.dyno_init import InitBinary\n"
             "config = parse({'state_dir': sys.argv[2], 'dynos': {'sandbox': 'bwrap'}})\n"
             "init = InitBinary.ensure(config.state_dir / 'lib')\n"
-            "print(BwrapSandbox.probe(config, strict=False, init=init).describe())\n"
+            "import functools, trio\n"
+            "probe = functools.partial(BwrapSandbox.probe, config, strict=False, init=init)\n"
+            "print(trio.run(probe).describe())\n"
         )
         result = subprocess.run(
             [*as_nobody, sys.executable, "-c", script, repo, str(home / "state")],

@@ -20,9 +20,11 @@ import asyncssh
 import pytest
 
 from gateway.config import SSHSettings
+from gateway.front.attached import AttachedSessions
 from gateway.front.gate import Pending
 from gateway.front.observe import Observer
 from gateway.front.ssh import GatewayServer, PreAuthLimits
+from gateway.front.ssh_session import SessionServices
 from gateway.store import Store
 from tests.conftest import Gateway, _client_key, wait_until
 
@@ -344,13 +346,19 @@ def _front(
         if store.get_app(app) is None:
             store.create_app(app)
         store.add_key(app, fingerprint, "ssh-ed25519 AAAA", "")
-    context = {"observer": Observer(tmp_path / "audit.jsonl")}
+    services = SessionServices(
+        manager_socket=tmp_path / "manager.sock",
+        banner=False,
+        idle_timeout=0,
+        sessions=AttachedSessions(),
+        observer=Observer(tmp_path / "audit.jsonl"),
+    )
     settled: list[str] = []
     ids = iter(range(1, 1000))
 
     def connect(source: str = "192.0.2.7", spoke: bool = True) -> tuple[GatewayServer, _FakeConn]:
         pending = Pending(f"c{next(ids)}", source, (source, 40000), 0.0, settled.append)
-        server = GatewayServer(store, context, limits)
+        server = GatewayServer(store, services, limits)
         conn = _FakeConn(source, pending, spoke)
         server.connection_made(conn)  # type: ignore[arg-type]
         return server, conn

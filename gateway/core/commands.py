@@ -11,10 +11,12 @@ only name a program called `echo a; echo b`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from gateway.core.names import InvalidName, check_config_key, parse_dyno_name
+from gateway.core.protocol import DynoInfo
 
 HELP = """\
 Reserved commands (a colon keeps them apart from your Procfile's process types):
@@ -251,35 +253,25 @@ def ago(seconds: float) -> str:
     return f"~ {max(int(seconds), 0)}s"
 
 
-@dataclass(frozen=True)
-class DynoRow:
-    name: str
-    size: str
-    state: str
-    since: float  # when it entered its state, seconds since the epoch
-    command: str
-    attached: bool = True
-    created_at: float = 0.0
-
-    def as_json(self) -> dict[str, object]:
-        """The fields `heroku ps --json` gives a one-off dyno."""
-        return {
-            "name": self.name,
-            "type": "run",
-            "command": self.command,
-            "size": self.size,
-            "state": self.state,
-            "attached": self.attached,
-            "created_at": iso_time(self.created_at),
-            "updated_at": iso_time(self.since),
-        }
+def dyno_json(dyno: DynoInfo) -> dict[str, object]:
+    """The fields `heroku ps --json` gives a one-off dyno."""
+    return {
+        "name": dyno.name,
+        "type": "run",
+        "command": dyno.command,
+        "size": dyno.size,
+        "state": dyno.state,
+        "attached": dyno.attached,
+        "created_at": iso_time(dyno.created_at),
+        "updated_at": iso_time(dyno.since),
+    }
 
 
 def iso_time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def format_ps(dynos: list[DynoRow], now: float) -> str:
+def format_ps(dynos: Sequence[DynoInfo], now: float) -> str:
     """`heroku ps`'s one-off section:
 
     === run: one-off processes (1)

@@ -17,7 +17,9 @@ class State(enum.StrEnum):
 ENDED = frozenset({State.COMPLETE, State.CRASHED})
 
 _NEXT: dict[State, frozenset[State]] = {
-    State.STARTING: frozenset({State.UP, State.CRASHED}),
+    # complete from starting: a dyno reserved for a rendezvous client that never came
+    # (R13, status 128) ends without having been up.
+    State.STARTING: frozenset({State.UP, State.COMPLETE, State.CRASHED}),
     State.UP: frozenset({State.COMPLETE, State.CRASHED}),
     State.COMPLETE: frozenset(),
     State.CRASHED: frozenset(),

@@ -4,7 +4,7 @@ config vars, then the names the platform owns (a config var cannot rename the dy
 
 from __future__ import annotations
 
-from gateway.core.messages import Pty
+from gateway.core.protocol import Pty
 
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
 

@@ -9,8 +9,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.core.commands import DynoRow, iso_time, size_label
+from gateway.core.commands import iso_time, size_label
 from gateway.core.names import InvalidName, check_config_key
+from gateway.core.protocol import DynoInfo
 from gateway.core.rendezvous import strip_exit_suffix
 
 # Stable ids for things the gateway names but Heroku gives UUIDs.
@@ -113,9 +114,7 @@ def app_body(name: str, created_at: float, account_id: str) -> dict[str, Any]:
     }
 
 
-def dyno_body(
-    app: str, row: DynoRow, release_version: int, attach_url: str | None = None
-) -> dict[str, Any]:
+def dyno_body(app: str, row: DynoInfo, attach_url: str | None = None) -> dict[str, Any]:
     return {
         "id": stable_id("dyno", app, row.name, str(row.created_at)),
         "name": row.name,
@@ -127,8 +126,8 @@ def dyno_body(
         "created_at": iso_time(row.created_at),
         "updated_at": iso_time(row.since),
         "release": {
-            "id": stable_id("release", app, str(release_version)),
-            "version": release_version,
+            "id": stable_id("release", app, str(row.release_version)),
+            "version": row.release_version,
         },
         "app": {"id": stable_id("app", app), "name": app},
     }

@@ -21,14 +21,17 @@ from typing import Any
 import h11
 
 from gateway.core import platform_api as api
-from gateway.core.messages import Pty
-from gateway.front.link import ManagerLink, ManagerUnavailable
+from gateway.core import protocol as p
+from gateway.core.commands import iso_time
+from gateway.front.link import ManagerLink
 from gateway.front.rendezvous import PendingAttach, Rendezvous
+from gateway.ipc import ManagerError, ManagerRefused, ManagerUnavailable
 from gateway.store import Store
 
-log = logging.getLogger("gateway.front")
+log = logging.getLogger(__name__)
 
-MAX_BODY = 64 * 1024
+# Room for the longest command a dyno can take (core/protocol MAX_COMMAND), JSON-quoted.
+MAX_BODY = 512 * 1024
 REQUEST_TIMEOUT = 30
 LOG_SESSION_TTL = 300
 
@@ -142,6 +145,8 @@ class PlatformAPI:
             status, answer = 400, {"id": "bad_request", "message": "The body is not JSON."}
         except ManagerUnavailable:
             status, answer = 503, {"id": "unavailable", "message": "The dyno manager is down."}
+        except ManagerError:
+            status, answer = 503, {"id": "unavailable", "message": "The dyno manager went away."}
         log.info("api %s %s status=%d", method, path.split("?")[0], status)
         await _send_json(conn, writer, status, answer)
         return False
@@ -175,26 +180,25 @@ class PlatformAPI:
 
     async def list_dynos(self, apps: list[str], params: dict[str, str], *_: Any) -> tuple[int, Any]:
         app = self._app(apps, params["app"])
-        dynos = self.store.list_dynos(app.name, running=True)
-        return 200, [api.dyno_body(app.name, d.row(), d.release_version) for d in dynos]
+        async with await ManagerLink.open(self.manager_socket) as link:
+            dynos = await link.list_dynos(app.name)
+        return 200, [api.dyno_body(app.name, dyno) for dyno in dynos]
 
     async def get_dyno(self, apps: list[str], params: dict[str, str], *_: Any) -> tuple[int, Any]:
         app = self._app(apps, params["app"])
-        dyno = self.store.get_dyno(app.name, params["dyno"])
-        if dyno is None:
+        async with await ManagerLink.open(self.manager_socket) as link:
+            dynos = await link.list_dynos(app.name, params["dyno"])
+        if not dynos:
             raise api.dyno_not_found()
-        return 200, api.dyno_body(app.name, dyno.row(), dyno.release_version)
+        return 200, api.dyno_body(app.name, dynos[0])
 
     async def stop_dyno(self, apps: list[str], params: dict[str, str], *_: Any) -> tuple[int, Any]:
         app = self._app(apps, params["app"])
-        link = await ManagerLink.open(self.manager_socket)
-        try:
-            await link.send("stop", app=app.name, dyno=params["dyno"])
-            reply = await link.receive()
-        finally:
-            link.close()
-        if reply is None or reply[0]["type"] != "stopping":
-            raise api.dyno_not_found()
+        async with await ManagerLink.open(self.manager_socket) as link:
+            try:
+                await link.stop(app.name, params["dyno"])
+            except ManagerRefused:
+                raise api.dyno_not_found() from None
         return 202, {}
 
     async def create_dyno(
@@ -202,40 +206,39 @@ class PlatformAPI:
     ) -> tuple[int, Any]:
         app = self._app(apps, params["app"])
         create = api.parse_dyno_create(body)
-        pty = Pty(*create.terminal) if create.terminal else None
-        link = await ManagerLink.open(self.manager_socket)
-        keep_link = False
         try:
-            await link.send(
-                "run",
+            run = p.Run(
                 app=app.name,
                 command=create.command,
-                pty={"term": pty.term, "cols": pty.cols, "rows": pty.rows} if pty else None,
+                connection="api",
+                pty=p.Pty(*create.terminal) if create.terminal else None,
                 env=create.env,
                 size=create.size,
                 attach=create.attach,
                 await_attach=create.attach,
                 merge_output=True,
-                connection="api",
             )
-            reply = await link.receive()
-            if reply is None:
-                raise api.APIError(503, "unavailable", "The dyno manager went away.")
-            message, _ = reply
-            if message["type"] == "error":
-                raise api.APIError(422, "invalid_params", str(message.get("message")))
-            dyno = self.store.get_dyno(app.name, str(message["dyno"]))
-            assert dyno is not None
+        except p.LocalProtocolError as exc:
+            raise api.APIError(422, "invalid_params", str(exc)) from None
+        link = await ManagerLink.open(self.manager_socket)
+        keep_link = False
+        try:
+            try:
+                if create.attach:
+                    dyno = await link.reserve(run)
+                else:
+                    dyno = (await link.start(run)).dyno
+            except ManagerRefused as exc:
+                raise api.APIError(422, "invalid_params", str(exc)) from None
             attach_url = None
             if create.attach:
-                pending = PendingAttach(app.name, dyno.name, link, pty, dyno.size, dyno.command)
-                secret = self.rendezvous.add(pending)
+                secret = self.rendezvous.add(PendingAttach(app.name, dyno, link, run.pty))
                 keep_link = True
                 attach_url = f"rendezvous://{self.attach_host}:{self.attach_port}/{secret}"
             log.info(
                 "api dyno created app=%s dyno=%s attach=%s", app.name, dyno.name, create.attach
             )
-            return 201, api.dyno_body(app.name, dyno.row(), dyno.release_version, attach_url)
+            return 201, api.dyno_body(app.name, dyno, attach_url)
         finally:
             if not keep_link:
                 link.close()
@@ -250,7 +253,7 @@ class PlatformAPI:
         self._log_sessions[key] = LogSession(app.name, request)
         asyncio.get_running_loop().call_later(LOG_SESSION_TTL, self._log_sessions.pop, key, None)
         host = headers.get("host", "127.0.0.1")
-        now = api.iso_time(time.time())
+        now = iso_time(time.time())
         return 201, {
             "id": api.stable_id("log-session", key),
             "logplex_url": f"http://{host}/log-sessions/{secret}",
@@ -278,22 +281,19 @@ class PlatformAPI:
         request = session.request
         link = await ManagerLink.open(self.manager_socket)
         try:
-            await link.send(
-                "logs", app=session.app, dyno=request.dyno, lines=request.lines, tail=request.tail
-            )
             headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
             writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
             # A client that leaves ends the stream: its EOF closes the link.
             watcher = asyncio.get_running_loop().create_task(_close_on_eof(reader, link))
             try:
-                while (reply := await link.receive()) is not None:
-                    message = reply[0]
-                    if message["type"] == "log":
-                        events = b"".join(api.sse_event(line) for line in message["lines"])
+                logs = p.Logs(session.app, request.dyno, request.lines, request.tail)
+                async for part in link.logs(logs):
+                    if isinstance(part, p.LogLines):
+                        events = b"".join(api.sse_event(line) for line in part.lines)
                         writer.write(conn.send(h11.Data(data=events)))
                         await writer.drain()
-                    elif message["type"] != "dropped":
-                        break
+            except ManagerError:
+                pass  # the stream ends; the CLI reconnects when tailing
             finally:
                 watcher.cancel()
             writer.write(conn.send(h11.EndOfMessage()))

@@ -37,7 +37,7 @@ class _Collector:
         return getattr(self.transport, name)
 
 
-class FlowControlledChannel(asyncssh.SSHServerChannel):
+class FlowControlledChannel(asyncssh.SSHServerChannel[bytes]):
     def _deliver_data(self, data: bytes, datatype: Any) -> None:
         buffered = sum(len(chunk) for chunk, _ in self._recv_buf)
         # Seen from the parent, the buffered bytes are window the client still has.
@@ -57,22 +57,24 @@ class FlowControlledChannel(asyncssh.SSHServerChannel):
             super()._flush_send_buf()
             return
         collector = _Collector(transport)
-        conn._transport = collector  # type: ignore[union-attr]
+        internals: Any = conn  # asyncssh's connection internals, untyped for this use
+        internals._transport = collector
         try:
             super()._flush_send_buf()
         finally:
             # Unless the connection was torn down meanwhile (it then dropped its transport).
-            if conn._transport is collector:  # type: ignore[union-attr]
-                conn._transport = transport  # type: ignore[union-attr]
+            if internals._transport is collector:
+                internals._transport = transport
                 # As asyncssh's own _send: a ConnectionError means the connection is going.
                 if collector.parts:
                     with contextlib.suppress(ConnectionError):
                         transport.write(b"".join(collector.parts))
 
 
-def adopt(channel: asyncssh.SSHServerChannel) -> FlowControlledChannel:
+def adopt(channel: asyncssh.SSHServerChannel[bytes]) -> FlowControlledChannel:
     """Turn the channel asyncssh made into a FlowControlledChannel. asyncssh builds server
     channels from connection internals, so changing the class of the one it made is the
     smallest way in; the subclass adds no state."""
     channel.__class__ = FlowControlledChannel
-    return channel  # type: ignore[return-value]
+    assert isinstance(channel, FlowControlledChannel)
+    return channel

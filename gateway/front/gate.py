@@ -94,7 +94,7 @@ def feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
     if isinstance(protocol, asyncio.BufferedProtocol):
         view = memoryview(data)
         while view:
-            buffer = protocol.get_buffer(len(view))
+            buffer = memoryview(protocol.get_buffer(len(view)))
             size = min(len(buffer), len(view))
             buffer[:size] = view[:size]
             protocol.buffer_updated(size)
@@ -283,7 +283,7 @@ class _Arrival(asyncio.Protocol):
 
 
 def start_tls(
-    context: Any, app_protocol: Callable[[Pending], asyncio.Protocol], handshake_timeout: float
+    context: Any, app_protocol: Callable[[Pending], asyncio.Protocol], handshake_timeout: int
 ) -> Start:
     """Hand an admitted connection to `app_protocol(pending)` behind a TLS server
     handshake (what loop.create_server(ssl=...) does for each accepted connection). A

@@ -1,28 +1,58 @@
-"""The front's end of one manager connection (a SEQPACKET socket), on asyncio."""
+"""The front's client of the dyno manager: one object per conversation (one SEQPACKET
+connection), with a method for each step, so no caller writes out the protocol's
+sequence or its messages by hand (gateway/core/protocol has the rules).
+
+Errors every caller handles the same way: ManagerUnavailable (cannot connect),
+ManagerGone (the manager closed the connection mid-way), ManagerRefused (its words are
+for the user); a peer breaking the protocol is logged and counts as gone.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
-from gateway.core.messages import encode
-from gateway.ipc import ANCILLARY_SPACE, RECV_SIZE, unpack
+from gateway.core import protocol as p
+from gateway.core.dyno import Exit
+from gateway.ipc import (
+    ANCILLARY_SPACE,
+    RECV_SIZE,
+    ManagerGone,
+    ManagerRefused,
+    ManagerUnavailable,
+    close_all,
+    read_packet,
+)
+
+log = logging.getLogger(__name__)
+Reply = TypeVar("Reply", bound=p.Message)
 
 
-class ManagerUnavailable(Exception):
-    """The dyno manager cannot be reached."""
+@dataclass(frozen=True)
+class Streams:
+    """A started dyno and its streams: a PTY master; or stdin, stdout and stderr; or stdin
+    and one merged output; none when detached. The receiver owns the descriptors."""
+
+    dyno: p.DynoInfo
+    fds: list[int]
 
 
 class ManagerLink:
-    """One dyno's control channel. Closing it tells the manager the client is gone."""
+    """One conversation with the manager. Closing it is what tells the manager that the
+    client went away (the dyno is hung up)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
+        self._conversation = p.Conversation(p.Role.CLIENT)
         self.closed = False
 
     @classmethod
@@ -33,33 +63,133 @@ class ManagerLink:
             await asyncio.get_running_loop().sock_connect(sock, str(path))
         except OSError as exc:
             sock.close()
-            raise ManagerUnavailable(str(exc)) from None
+            raise ManagerUnavailable(f"the dyno manager is not available ({exc})") from None
         return cls(sock)
 
-    async def send(self, kind: str, **fields: Any) -> None:
-        # A SEQPACKET send is all or nothing, so one sock_sendall is one packet.
-        await self._loop.sock_sendall(self._sock, encode(kind, **fields))
+    # -- the conversations -------------------------------------------------------------
 
-    async def receive(self) -> tuple[dict[str, Any], list[int]] | None:
-        """The next message and the fds it carried, or None when the manager hung up or
-        the link was closed on our side."""
+    async def start(self, run: p.Run) -> Streams:
+        """Run a dyno (attached or detached): it is up when this returns."""
+        await self._send(run)
+        return await self._started()
+
+    async def reserve(self, run: p.Run) -> p.DynoInfo:
+        """Run with await_attach: the dyno is named and waits for `attach`."""
+        await self._send(run)
+        return (await self._reply(p.Reserved)).dyno
+
+    async def attach(self) -> Streams:
+        """The reserved dyno's client has come: start it."""
+        await self._send(p.Attach())
+        return await self._started()
+
+    async def signal(self, name: str) -> None:
+        """An SSH signal request for the dyno's foreground job; lost if the dyno ended."""
+        if not self.closed and self._conversation.phase is p.Phase.RUNNING:
+            with contextlib.suppress(ManagerGone, OSError):
+                await self._send(p.Signal(name))
+
+    async def exited(self) -> Exit:
+        """How the attached dyno's command ended."""
+        reply = await self._reply(p.Exited)
+        return Exit(status=reply.status, signal=reply.signal)
+
+    async def stop(self, app: str, dyno: str) -> None:
+        await self._send(p.Stop(app, dyno))
+        await self._reply(p.Stopping)
+
+    async def list_dynos(self, app: str, dyno: str | None = None) -> tuple[p.DynoInfo, ...]:
+        await self._send(p.ListDynos(app, dyno))
+        return (await self._reply(p.DynoList)).dynos
+
+    async def logs(self, request: p.Logs) -> AsyncIterator[p.LogLines | p.Dropped]:
+        """The log's lines (and counts of lines dropped for a slow reader) until the end,
+        or until the link is closed (a tail's reader left)."""
+        await self._send(request)
+        while True:
+            message = await self._receive_or_none()
+            if message is None or isinstance(message, p.End):
+                return
+            if isinstance(message, p.Refused):
+                raise ManagerRefused(message.message)
+            assert isinstance(message, p.LogLines | p.Dropped)
+            yield message
+
+    async def metrics(self) -> list[str]:
+        await self._send(p.Metrics())
+        lines: list[str] = []
+        while not isinstance(message := await self._receive(), p.End):
+            assert isinstance(message, p.MetricsText)
+            lines.extend(message.lines)
+        return lines
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _started(self) -> Streams:
+        message, fds = await self._receive_with_fds()
+        if isinstance(message, p.Refused):
+            raise ManagerRefused(message.message)
+        assert isinstance(message, p.Started)  # the conversation allows nothing else
+        return Streams(message.dyno, fds)
+
+    async def _reply(self, kind: type[Reply]) -> Reply:
+        message = await self._receive()
+        if isinstance(message, p.Refused):
+            raise ManagerRefused(message.message)
+        assert isinstance(message, kind)  # the conversation allows nothing else
+        return message
+
+    async def _send(self, message: p.Message) -> None:
+        if self.closed:
+            raise ManagerGone("the link to the dyno manager is closed")
+        data = self._conversation.send(message)  # LocalProtocolError: the caller's
+        try:
+            # A SEQPACKET send is all or nothing, so one sock_sendall is one packet.
+            await self._loop.sock_sendall(self._sock, data)
+        except OSError as exc:
+            raise ManagerGone(f"the dyno manager went away ({exc})") from None
+
+    async def _receive(self) -> p.Message:
+        message, fds = await self._receive_with_fds()
+        close_all(fds)
+        return message
+
+    async def _receive_or_none(self) -> p.Message | None:
+        try:
+            return await self._receive()
+        except ManagerGone:
+            if self.closed:
+                return None  # closed on our side: the reader left
+            raise
+
+    async def _receive_with_fds(self) -> tuple[p.Message, list[int]]:
         while True:
             if self.closed:
-                return None
+                raise ManagerGone("the link to the dyno manager is closed")
             try:
                 data, anc, flags, _ = self._sock.recvmsg(RECV_SIZE, ANCILLARY_SPACE)
             except BlockingIOError:
                 await self._readable()
                 continue
             except ConnectionError:
-                return None
+                data, anc, flags = b"", [], 0
             if not data and not anc:
-                return None
-            return unpack(data, anc, flags)
+                raise ManagerGone("the dyno manager went away")
+            try:
+                return read_packet(self._conversation, data, anc, flags)
+            except p.RemoteProtocolError as exc:
+                log.error("bad packet from the dyno manager: %s", exc)
+                self.close()
+                raise ManagerGone("the dyno manager sent a bad reply") from None
 
     async def _readable(self) -> None:
         ready = self._waiter = self._loop.create_future()
-        self._loop.add_reader(self._fd, lambda: ready.done() or ready.set_result(None))
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self._loop.add_reader(self._fd, wake)
         try:
             await ready
         finally:
@@ -69,7 +199,7 @@ class ManagerLink:
             self._waiter = None
 
     def close(self) -> None:
-        """Close the connection; a receive() waiting on it returns None."""
+        """Close the connection; a receive waiting on it ends with ManagerGone."""
         if self.closed:
             return
         self.closed = True
@@ -77,3 +207,9 @@ class ManagerLink:
         self._sock.close()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    async def __aenter__(self) -> ManagerLink:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.close()

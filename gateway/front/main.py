@@ -18,16 +18,17 @@ import asyncssh
 
 from gateway.config import Config, split_listen
 from gateway.front.api import PlatformAPI
+from gateway.front.attached import AttachedSessions
 from gateway.front.gate import Gate, admission_limits, start_stream, start_tls
 from gateway.front.observe import Observer, serve_metrics
 from gateway.front.rendezvous import Rendezvous, RendezvousProtocol
-from gateway.front.sessions import ActiveSessions
 from gateway.front.ssh import ALGORITHMS, GatewayServer, PreAuthLimits, load_host_keys, start_ssh
+from gateway.front.ssh_session import SessionServices
 from gateway.keys import HOST_KEY_NAMES
 from gateway.store import Store
 from gateway.tls import SERVER_CERT, SERVER_KEY
 
-log = logging.getLogger("gateway.front")
+log = logging.getLogger(__name__)
 Server = TypeVar("Server")
 # What the front writes on its ready pipe once every listener is open; a JSON line
 # {"table", "listen", "reason"} instead says which one could not be (see run()).
@@ -44,21 +45,21 @@ async def serve(
     closes (the manager is gone); tell `ready_fd` once listening."""
     store = Store(config.db_path)
     host, port = config.ssh.host_port
-    sessions = ActiveSessions()
+    sessions = AttachedSessions()
     observer = Observer(config.audit_path)
-    context = {
-        "sessions": sessions,
-        "observer": observer,
-        "manager_socket": config.manager_socket,
-        "banner": config.dynos.banner,
-        "idle_timeout": config.dynos.idle_timeout,
-        "accept_env": config.ssh.accept_env,
-        "public_address": config.ssh.public_address,
-    }
+    services = SessionServices(
+        manager_socket=config.manager_socket,
+        banner=config.dynos.banner,
+        idle_timeout=config.dynos.idle_timeout,
+        sessions=sessions,
+        observer=observer,
+        accept_env=config.ssh.accept_env,
+        public_address=config.ssh.public_address,
+    )
     limits = PreAuthLimits(config.ssh)
     _raise_open_files_limit(config)
     options = await asyncssh.SSHServerConnectionOptions.construct(
-        server_factory=lambda: GatewayServer(store, context, limits),
+        server_factory=lambda: GatewayServer(store, services, limits),
         server_host_keys=load_host_keys([str(config.keys_dir / n) for n in HOST_KEY_NAMES]),
         **ALGORITHMS,
         encoding=None,
@@ -123,7 +124,7 @@ async def serve(
 
 
 async def _heroku_listeners(
-    config: Config, store: Store, sessions: ActiveSessions, observer: Observer, gates: list[Gate]
+    config: Config, store: Store, sessions: AttachedSessions, observer: Observer, gates: list[Gate]
 ) -> list[asyncio.AbstractServer]:
     """The rendezvous port (TLS) and the Platform API the heroku CLI talks to, each
     behind a gate of its own (the [ssh] admission settings, their own slots)."""

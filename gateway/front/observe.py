@@ -15,9 +15,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from gateway.audit import AuditLog
 from gateway.core.refusals import RefusalDigest
-from gateway.front.link import ManagerLink, ManagerUnavailable
+from gateway.front.link import ManagerLink
+from gateway.ipc import ManagerError
 
-log = logging.getLogger("gateway.front")
+log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry()
 CONNECTIONS = Counter(
@@ -164,15 +165,9 @@ class SessionTrace:
 async def metrics_text(manager_socket: Path) -> bytes:
     """The front's metrics and the manager's, as one Prometheus text exposition."""
     text = generate_latest(REGISTRY)
-    with contextlib.suppress(ManagerUnavailable, OSError):
-        link = await ManagerLink.open(manager_socket)
-        try:
-            await link.send("metrics")
-            lines: list[str] = []
-            while (reply := await link.receive()) is not None and reply[0]["type"] == "metrics":
-                lines.extend(reply[0]["lines"])
-        finally:
-            link.close()
+    with contextlib.suppress(ManagerError, OSError):
+        async with await ManagerLink.open(manager_socket) as link:
+            lines = await link.metrics()
         text += ("\n".join(lines) + "\n").encode() if lines else b""
     return text
 

@@ -12,32 +12,32 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.core.dyno import Exit
-from gateway.core.messages import Pty
+from gateway.core.protocol import DynoInfo, Pty
 from gateway.core.rendezvous import GREETING, BadHandshake, exit_marker, read_secret
+from gateway.eventlog import event_log
+from gateway.front.attached import AttachedSessions
 from gateway.front.attachment import Attachment, Client
 from gateway.front.link import ManagerLink
 from gateway.front.observe import Observer, SessionTrace
-from gateway.front.sessions import ActiveSessions
+from gateway.ipc import ManagerError
 
-log = logging.getLogger("gateway.front")
+log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10  # seconds for a client to send its secret line (at most attach_timeout)
 
 
 @dataclass
 class PendingAttach:
+    """A dyno reserved through the API, waiting for its client on this port."""
+
     app: str
-    dyno: str
+    dyno: DynoInfo
     link: ManagerLink
     pty: Pty | None
-    size: str = ""
-    command: str = ""
     expiry: asyncio.TimerHandle | None = None
 
 
@@ -45,7 +45,7 @@ class Rendezvous:
     """The dynos waiting for their client, by a hash of their secret."""
 
     def __init__(
-        self, attach_timeout: int, idle_timeout: int, sessions: ActiveSessions, observer: Observer
+        self, attach_timeout: int, idle_timeout: int, sessions: AttachedSessions, observer: Observer
     ) -> None:
         self.attach_timeout = attach_timeout
         self.idle_timeout = idle_timeout
@@ -73,7 +73,7 @@ class Rendezvous:
         pending = self._pending.pop(key, None)
         if pending is not None:
             # The manager sees the link close before any attach: R13, status 128.
-            log.info("no client attached app=%s dyno=%s", pending.app, pending.dyno)
+            log.info("no client attached app=%s dyno=%s", pending.app, pending.dyno.name)
             pending.link.close()
 
     def close(self) -> None:
@@ -99,13 +99,13 @@ class RendezvousProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._trace: SessionTrace | None = None
-        self.where = "rendezvous"
+        self.log = event_log(__name__, conn="rendezvous")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
-        self.where = f"rendezvous peer={peer[0]}:{peer[1]}"
+        self.log = self.log.bind(peer=f"{peer[0]}:{peer[1]}")
         loop = asyncio.get_running_loop()
         timeout = min(HANDSHAKE_TIMEOUT, self.rendezvous.attach_timeout)
         self._handshake_timer = loop.call_later(timeout, self._refuse, "no secret sent")
@@ -133,7 +133,7 @@ class RendezvousProtocol(asyncio.Protocol):
         assert self._transport is not None
         transport = self._transport
         self._pending = pending
-        self.where = f"app={pending.app} dyno={pending.dyno} conn=rendezvous"
+        self.log = event_log(__name__, app=pending.app, dyno=pending.dyno.name, conn="rendezvous")
         transport.write(GREETING)
         self._attachment = Attachment(
             Client(
@@ -177,44 +177,39 @@ class RendezvousProtocol(asyncio.Protocol):
         attachment, transport = self._attachment, self._transport
         assert attachment is not None and transport is not None
         try:
-            await pending.link.send("attach")
-        except OSError:
+            streams = await pending.link.attach()
+        except ManagerError as exc:
+            self.log.warning("attach failed error=%s", exc)
             transport.close()
             return
-        reply = await pending.link.receive()
-        fds = reply[1] if reply else []
-        if reply is None or reply[0]["type"] != "started" or len(fds) != (1 if pending.pty else 2):
-            for fd in fds:
-                os.close(fd)
-            log.warning("attach failed %s reply=%r", self.where, reply and reply[0])
-            transport.close()
-            return
-        log.info("rendezvous attached %s pty=%s", self.where, pending.pty is not None)
-        attachment.start(fds, pty=pending.pty is not None)
+        self.log.info("rendezvous attached pty=%s", pending.pty is not None)
+        attachment.start(streams.fds, pty=pending.pty is not None)
         self.rendezvous.sessions.add(self)
+        dyno = pending.dyno
         self._trace = self.rendezvous.observer.session(
-            "rendezvous", pending.app, pending.dyno, pending.size, pending.command,
+            "rendezvous", pending.app, dyno.name, dyno.size, dyno.command,
             pending.pty is not None, "rendezvous",
         )  # fmt: skip
-        exited = await pending.link.receive()
-        await attachment.drained()
-        if exited is None or exited[0]["type"] != "exited":
+        try:
+            exit = await pending.link.exited()
+        except ManagerError:
+            await attachment.drained()
             transport.close()
             return
-        exit = Exit(status=exited[0].get("status"), signal=exited[0].get("signal"))
+        await attachment.drained()
         self._trace.exit_status, self._trace.exit_signal = exit.status, exit.signal
-        log.info("rendezvous ended %s status=%s", self.where, exit.shell_status)
+        self.log.info("rendezvous ended status=%s", exit.shell_status)
         transport.write(exit_marker(exit.shell_status))
         transport.close()
 
     def _idle_cutoff(self) -> None:
-        log.info("rendezvous idle, closing %s", self.where)
+        self.log.info("rendezvous idle, closing")
         if self._transport is not None:
             self._transport.close()
 
     def _refuse(self, reason: str) -> None:
         """Close without a word: a client without a valid secret learns nothing."""
-        log.info("rendezvous refused %s reason=%s", self.where, reason)
+        self.log.info("rendezvous refused reason=%s", reason)
         if self._transport is not None:
             self._transport.abort()
 
@@ -237,6 +232,6 @@ class RendezvousProtocol(asyncio.Protocol):
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("rendezvous failed %s", self.where, exc_info=task.exception())
+            self.log.error("rendezvous failed", exc_info=task.exception())
             if self._transport is not None:
                 self._transport.abort()

@@ -1,133 +1,133 @@
 """The reserved SSH commands that do not attach to a dyno: run:detached, run:list,
-run:stop, run:logs, run:help."""
+run:stop, run:logs, run:help. They see the session they run in only as a `Console`."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 from gateway.core import commands
-from gateway.core.commands import format_ps, size_label
+from gateway.core import protocol as p
+from gateway.core.commands import dyno_json, format_ps, size_label
+from gateway.eventlog import EventLog
+from gateway.front.link import ManagerLink
+from gateway.ipc import ManagerGone, ManagerRefused
 
-if TYPE_CHECKING:
-    from gateway.front.session import DynoSession
+log = logging.getLogger(__name__)
 
-log = logging.getLogger("gateway.front")
+
+class Console(Protocol):
+    """What a reserved command needs of the session it runs in."""
+
+    app: str
+    connection: str
+    log: EventLog
+
+    def write(self, text: str, stderr: bool = False) -> None:
+        """Text for the client (CRLF line ends on a raw terminal)."""
+        ...
+
+    def exit(self, status: int) -> None: ...
+
+    def fail(self, message: str) -> None:
+        """`gateway: MESSAGE` on stderr, exit status 1."""
+        ...
+
+    async def writable(self) -> None:
+        """Until the client takes output again (its channel window is open)."""
+        ...
+
+    async def open_link(self) -> ManagerLink:
+        """A conversation with the manager, closed with the session."""
+        ...
+
+    def on_interrupt(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when the client presses Ctrl-C on a terminal."""
+        ...
+
+    def ssh_command(self) -> str:
+        """How a user reaches this app from outside: `ssh [-p PORT] APP@HOST`."""
+        ...
 
 
 class ReservedCommand:
-    def __init__(self, session: DynoSession, command: commands.Reserved) -> None:
-        self.session = session
+    def __init__(self, console: Console, command: commands.Reserved) -> None:
+        self.console = console
         self.command = command
-        self.app = session.context.app
+        self.app = console.app
 
     async def run(self) -> None:
         command = self.command
-        log.info("reserved command %s command=%s", self.session.where, type(command).__name__)
-        if isinstance(command, commands.Run):
-            await self.detached(command)
-        elif isinstance(command, commands.RunList):
-            self.list(command.json)
-        elif isinstance(command, commands.RunStop):
-            await self.stop(command.dyno)
-        elif isinstance(command, commands.RunLogs):
-            await self.logs(command)
-        else:
-            self.session.write(commands.HELP)
-            self.session.exit(0)
-
-    async def _request(self, kind: str, **fields: object) -> dict[str, object] | None:
-        """Send one request; the first reply, or None after reporting an error."""
-        link = await self.session.open_link()
-        await link.send(kind, app=self.app, **fields)
-        reply = await link.receive()
-        if reply is None:
-            self.session.write("gateway: the dyno manager went away; try again\n", stderr=True)
-            self.session.exit(1)
-            return None
-        message, _ = reply
-        if message["type"] == "error":
-            self.session.write(f"gateway: {message.get('message')}\n", stderr=True)
-            self.session.exit(1)
-            return None
-        return message
+        self.console.log.info("reserved command command=%s", type(command).__name__)
+        try:
+            if isinstance(command, commands.Run):
+                await self.detached(command)
+            elif isinstance(command, commands.RunList):
+                await self.list(command.json)
+            elif isinstance(command, commands.RunStop):
+                await self.stop(command.dyno)
+            elif isinstance(command, commands.RunLogs):
+                await self.logs(command)
+            else:
+                self.console.write(commands.HELP)
+                self.console.exit(0)
+        except ManagerRefused as exc:
+            self.console.fail(str(exc))
+        except ManagerGone:
+            self.console.fail("the dyno manager went away; try again")
+        except p.LocalProtocolError as exc:  # a request too large for the protocol
+            self.console.fail(str(exc))
 
     async def detached(self, command: commands.Run) -> None:
-        reply = await self._request(
-            "run",
+        link = await self.console.open_link()
+        run = p.Run(
+            app=self.app,
             command=command.command,
-            pty=None,
+            connection=self.console.connection,
             env=command.env,
             size=command.size,
             attach=False,
-            connection=self.session.context.connection,
         )
-        if reply is None:
-            return
-        dyno, size = reply["dyno"], size_label(str(reply.get("size", "")))
-        host, port = self.session.context.public_address
-        ssh = f"ssh {self.app}@{host}" if port == 22 else f"ssh -p {port} {self.app}@{host}"
-        self.session.write(
-            f"Running `{command.command}` detached... up, {dyno} ({size})\n"
-            f"Use `{ssh} run:logs -p {dyno} --tail` to view the output.\n"
+        dyno = (await link.start(run)).dyno
+        self.console.write(
+            f"Running `{command.command}` detached... up, {dyno.name} ({size_label(dyno.size)})\n"
+            f"Use `{self.console.ssh_command()} run:logs -p {dyno.name} --tail` "
+            "to view the output.\n"
         )
-        self.session.exit(0)
+        self.console.exit(0)
 
-    def list(self, as_json: bool) -> None:
-        rows = [d.row() for d in self.session.context.store.list_dynos(self.app, running=True)]
+    async def list(self, as_json: bool) -> None:
+        link = await self.console.open_link()
+        dynos = await link.list_dynos(self.app)
         if as_json:
-            self.session.write(json.dumps([row.as_json() for row in rows], indent=2) + "\n")
+            self.console.write(json.dumps([dyno_json(dyno) for dyno in dynos], indent=2) + "\n")
         else:
-            self.session.write(format_ps(rows, time.time()))
-        self.session.exit(0)
+            self.console.write(format_ps(dynos, time.time()))
+        self.console.exit(0)
 
     async def stop(self, dyno: str) -> None:
-        if await self._request("stop", dyno=dyno) is None:
-            return
-        self.session.write(f"Stopping {dyno} dyno on {self.app}... done\n")
-        self.session.exit(0)
+        link = await self.console.open_link()
+        await link.stop(self.app, dyno)
+        self.console.write(f"Stopping {dyno} dyno on {self.app}... done\n")
+        self.console.exit(0)
 
     async def logs(self, command: commands.RunLogs) -> None:
         """The app log; with --tail, new lines until the client leaves (or presses Ctrl-C
         on a terminal). The client's pace sets ours: while its channel is full we stop
         reading, and the manager drops lines for us and says how many."""
-        link = await self.session.open_link()
-        await link.send(
-            "logs", app=self.app, dyno=command.dyno, lines=command.lines, tail=command.tail
-        )
-        interrupted = False
-
-        def on_input(data: bytes) -> None:
-            nonlocal interrupted
-            if b"\x03" in data:  # Ctrl-C on a terminal in raw mode
-                interrupted = True
-                link.close()
-
-        self.session.on_input = on_input
-        while True:
-            await self.session.writable()
-            reply = await link.receive()
-            if interrupted:
-                break
-            if reply is None:
-                self.session.write("gateway: the dyno manager went away\n", stderr=True)
-                self.session.exit(1)
-                return
-            message, _ = reply
-            kind = message["type"]
-            if kind == "log":
-                self.session.write("".join(f"{line}\n" for line in message.get("lines", [])))
-            elif kind == "dropped":
-                self.session.write(
-                    f"gateway: {message.get('count')} log lines dropped (reading too slowly)\n",
+        link = await self.console.open_link()
+        self.console.on_interrupt(link.close)
+        request = p.Logs(self.app, command.dyno, command.lines, command.tail)
+        async for part in link.logs(request):
+            if isinstance(part, p.LogLines):
+                self.console.write("".join(f"{line}\n" for line in part.lines))
+            else:
+                self.console.write(
+                    f"gateway: {part.count} log lines dropped (reading too slowly)\n",
                     stderr=True,
                 )
-            elif kind == "error":
-                self.session.write(f"gateway: {message.get('message')}\n", stderr=True)
-                self.session.exit(1)
-                return
-            elif kind == "end":
-                break
-        self.session.exit(0)
+            await self.console.writable()
+        self.console.exit(0)

@@ -26,10 +26,10 @@ from gateway.core.prelimits import Penalized, PenaltyBox
 from gateway.front.channel import adopt
 from gateway.front.gate import Pending, Start, connection_id, feed
 from gateway.front.observe import Observer
-from gateway.front.session import DynoSession, SessionContext
+from gateway.front.ssh_session import SessionServices, SSHSession
 from gateway.store import Store
 
-log = logging.getLogger("gateway.front")
+log = logging.getLogger(__name__)
 
 # Offered algorithms (docs/configuration.md, "Algorithms"; what each common client picks:
 # docs/clients.md): nothing ssh-audit fails (no NIST curves, SHA-1, GEX or small groups;
@@ -137,9 +137,9 @@ def start_ssh(options: asyncssh.SSHServerConnectionOptions) -> Start:
 
 
 class GatewayServer(asyncssh.SSHServer):
-    def __init__(self, store: Store, context: dict[str, Any], limits: PreAuthLimits) -> None:
+    def __init__(self, store: Store, services: SessionServices, limits: PreAuthLimits) -> None:
         self.store = store
-        self.context = context
+        self.services = services
         self.limits = limits
         self.id = "?"
         self.app = ""
@@ -153,7 +153,7 @@ class GatewayServer(asyncssh.SSHServer):
         self._closing = False  # max_auth_tries reached: nothing more is accepted
         self._looks: dict[str, int] = {}  # accepted "app key" -> times validated
         self._sessions = 0
-        self.observer: Observer = context["observer"]
+        self.observer: Observer = services.observer
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -178,7 +178,8 @@ class GatewayServer(asyncssh.SSHServer):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
                 received(data, *args)
 
-            conn.data_received = data_received  # type: ignore[method-assign]
+            # Wraps asyncssh's own method, for this connection only.
+            conn.data_received = data_received  # type: ignore[method-assign,assignment]
         waited = f" waited={self._pending.waited:.1f}s" if self._pending else ""
         log.info("connection opened conn=%s peer=%s:%s%s", self.id, peer[0], peer[1], waited)
         self.observer.connected(self.id, self.source)
@@ -282,7 +283,7 @@ class GatewayServer(asyncssh.SSHServer):
         )  # fmt: skip
         self.observer.authenticated(self.id, self.app, self._key, self.source, True)
 
-    def session_requested(self) -> tuple[asyncssh.SSHServerChannel, DynoSession]:
+    def session_requested(self) -> tuple[asyncssh.SSHServerChannel[bytes], SSHSession]:
         assert self._conn is not None
         limit = self.limits.max_sessions
         if limit and self._sessions >= limit:
@@ -295,30 +296,8 @@ class GatewayServer(asyncssh.SSHServer):
                 f"at most {limit} sessions per connection",
             )
         channel = adopt(self._conn.create_server_channel(encoding=None))
-        context = SessionContext(
-            app=self.app,
-            connection=self.id,
-            store=self.store,
-            **self.context,
-        )
         self._sessions += 1
-        return channel, _CountedSession(context, self._session_ended)
+        return channel, SSHSession(self.app, self.id, self.services, ended=self._session_ended)
 
     def _session_ended(self) -> None:
         self._sessions -= 1
-
-
-class _CountedSession(DynoSession):
-    """A DynoSession that tells its connection when it ends (for max_sessions)."""
-
-    def __init__(self, context: SessionContext, ended: Callable[[], None]) -> None:
-        super().__init__(context)
-        self._ended: Callable[[], None] | None = ended
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        try:
-            super().connection_lost(exc)
-        finally:
-            if self._ended is not None:
-                self._ended()
-                self._ended = None

@@ -27,7 +27,6 @@ When the manager is not root, bwrap runs as the manager's user in a user namespa
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import resource
@@ -35,8 +34,7 @@ import secrets
 import shutil
 import stat
 import subprocess
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -44,7 +42,28 @@ import trio
 
 from gateway.config import DEFAULT_SIZE, Config
 from gateway.core.environment import dyno_env
+from gateway.manager.bwrap_args import (
+    DYNO_GID,
+    DYNO_UID,
+    HOLDER_ROOT,
+    NOFILE,
+    OVERLAY_FAILED,
+    ROOT_TOOLS,
+    TOOLS,
+    TRUSTED_PATH,
+    Layout,
+    StackEntry,
+    bwrap_args,
+    encode_args,
+    find_tools,
+    hidden_args,
+    inner_argv,
+    look_at_stack,
+    overlay_safe,
+    wrapper_argv,
+)
 from gateway.manager.dyno_init import InitBinary, InitPipes
+from gateway.manager.holder import Holder, HolderError
 from gateway.manager.limits import (
     R15,
     Cgroups,
@@ -62,251 +81,17 @@ from gateway.manager.sandbox import (
     free_port,
     remove_dyno_dirs,
 )
+from gateway.manager.views import ReleaseViews, copy_release
 from gateway.slugs import remove_tree
 
-log = logging.getLogger("gateway.manager")
+log = logging.getLogger(__name__)
 
-# The dyno user: `nobody`, inside the sandbox and on the host.
-DYNO_UID = 65534
-DYNO_GID = 65534
-# Heroku's open-files limit.
-NOFILE = 10000
-# Where the gateway looks for the tools it runs as root: never a dyno's PATH.
-TRUSTED_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-TOOLS = ("bwrap", "sh", "cp", "chmod")
-ROOT_TOOLS = ("chroot", "nsenter", "unshare", "mount", "install", "chown")
-# Inside the holder's mount namespace the dyno's tmpfs is moved to /tmp.
-HOLDER_ROOT = "/tmp"
-HOLDER_READY = 10.0
+# Seconds a trial dyno may take at start.
 PROBE_TIMEOUT = 30.0
-# The holder's exit status when the overlay mount fails (the probe then tries a copy).
-OVERLAY_FAILED = 3
-
-# The holder: run by `unshare --mount --propagation private [--net]` as root. It says
-# "namespaces" (slirp4netns can start on its netns meanwhile), builds the dyno's
-# filesystem in its private mount namespace, says "ready", and keeps the namespaces
-# alive until its stdin closes (the manager removes the dyno, or dies).
-HOLDER_SCRIPT = r"""set -e
-rw=$1 size=$2 owner=$3 lower=$4 copy=$5 resolv=$6
-echo namespaces
-mount -t tmpfs -o "size=$size,mode=0755,nosuid,nodev" dyno "$rw"
-install -d -o "${owner%:*}" -g "${owner#*:}" "$rw/upper" "$rw/work" "$rw/tmp" "$rw/app"
-if [ -n "$lower" ]; then
-    mount -t overlay -o "lowerdir=$lower,upperdir=$rw/upper,workdir=$rw/work,nosuid,nodev" \
-        overlay "$rw/app" || exit 3
-else
-    mount --bind "$copy" "$rw/app"
-fi
-if [ -n "$resolv" ]; then printf '%s' "$resolv" > "$rw/resolv.conf"; fi
-mount --move "$rw" /tmp
-echo ready
-read -r _ || true
-"""
-
-# The wrapper: the dyno's first process (its process group and session leader). It
-# joins the cgroup before anything forks, sets the rlimits, ignores the signals the
-# supervisor sends to the group (the dyno's own processes get them back at default
-# through `env --default-signal`) and waits for bwrap. It makes itself the host's first
-# choice in a host-wide OOM, so that dynos go before the gateway (bwrap and the dyno die
-# with the wrapper).
-WRAPPER_SCRIPT = r"""for file do
-    shift
-    [ "$file" = -- ] && break
-    echo $$ > "$file" || exit 125
-done
-ulimit -c 0 && ulimit -n "$GW_NOFILE" || exit 125
-if [ -n "$GW_DATA_KB" ]; then ulimit -d "$GW_DATA_KB" || exit 125; fi
-exec 4<"$GW_ARGS"
-trap '' HUP INT QUIT TERM USR1 USR2 ALRM
-exec 3<&0
-"$@" <&3 3<&- &
-exec 3<&- 4<&-
-echo 1000 > /proc/self/oom_score_adj
-wait $!
-"""
 
 
 class BwrapUnavailable(Exception):
     """bwrap cannot run dynos here; the message says why."""
-
-
-class HolderError(Exception):
-    def __init__(self, status: int | None, output: str) -> None:
-        super().__init__(f"holder failed (status {status}): {output.strip() or 'no output'}")
-        self.status = status
-
-
-# Pure pieces
-
-
-@dataclass(frozen=True)
-class StackEntry:
-    """A stack dir as the host has it: a directory, or a symlink (merged /usr)."""
-
-    path: str
-    link: str | None = None
-
-
-def look_at_stack(stack: Iterable[str]) -> list[StackEntry]:
-    """The configured stack dirs that exist here; missing ones are skipped."""
-    entries = []
-    for path in stack:
-        if os.path.islink(path):
-            entries.append(StackEntry(path, os.readlink(path)))
-        elif os.path.isdir(path):
-            entries.append(StackEntry(path))
-    return entries
-
-
-def stack_args(entries: Sequence[StackEntry]) -> list[str]:
-    """Bind each stack dir read-only; recreate symlinked ones as symlinks."""
-    args: list[str] = []
-    for entry in entries:
-        if entry.link is not None:
-            args += ["--symlink", entry.link, entry.path]
-        else:
-            args += ["--ro-bind", entry.path, entry.path]
-    return args
-
-
-def hidden_args(entries: Sequence[StackEntry], secrets_: Iterable[tuple[str, bool]]) -> list[str]:
-    """Cover the gateway's own paths that fall inside a bound stack dir: an empty tmpfs
-    over a directory, /dev/null over a file. `secrets_` are (path, is_dir)."""
-    bound = [e.path.rstrip("/") for e in entries if e.link is None]
-    args: list[str] = []
-    for path, is_dir in secrets_:
-        if any(path == b or path.startswith(b + "/") for b in bound):
-            args += ["--tmpfs", path] if is_dir else ["--ro-bind", "/dev/null", path]
-    return args
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the dyno's pieces are, as bwrap (in the holder's namespaces) sees them."""
-
-    app: str  # bound on /app
-    tmp: str | None  # bound on /tmp; None: a bwrap tmpfs of tmp_bytes
-    tmp_bytes: int
-    resolv_conf: str | None = None  # bound on /etc/resolv.conf
-
-
-def bwrap_args(
-    *,
-    hostname: str,
-    stack: Sequence[StackEntry],
-    hidden: Sequence[str],
-    layout: Layout,
-    network: str,
-    env: dict[str, str],
-) -> list[str]:
-    """bwrap's options for one dyno. They go through a file (`--args`), so the config
-    vars in them are not on a command line that every host user can read."""
-    args = [
-        "--unshare-user", "--uid", str(DYNO_UID), "--gid", str(DYNO_GID), "--disable-userns",
-        "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-        "--hostname", hostname,
-        "--die-with-parent",
-        # The dyno's init is PID 1: bwrap's own would end the namespace with the
-        # command, and with it whatever survived a hang-up.
-        "--as-pid-1",
-        "--cap-drop", "ALL",
-    ]  # fmt: skip
-    if network == "none":
-        args.append("--unshare-net")
-    args += stack_args(stack)
-    args += hidden
-    if layout.resolv_conf is not None:
-        args += ["--ro-bind", layout.resolv_conf, "/etc/resolv.conf"]
-    args += ["--proc", "/proc", "--dev", "/dev"]
-    if layout.tmp is not None:
-        args += ["--bind", layout.tmp, "/tmp"]
-    else:
-        args += ["--size", str(layout.tmp_bytes), "--tmpfs", "/tmp"]
-    args += ["--bind", layout.app, "/app", "--chdir", "/app", "--clearenv"]
-    for key, value in env.items():
-        args += ["--setenv", key, value]
-    return args
-
-
-def inner_argv(
-    init_fd: int, init_args: Sequence[str], shell: str, command: str | None
-) -> list[str]:
-    """What bwrap runs: the dyno's init, exec'd through its descriptor (the binary lives
-    in the gateway's state, out of the dyno's sight), and under it the shell."""
-    argv = [shell] if command is None else [shell, "-c", command]
-    return [f"/proc/self/fd/{init_fd}", *init_args, "--", *argv]
-
-
-def encode_args(args: Sequence[str]) -> bytes:
-    """bwrap's `--args FD` format: NUL-terminated arguments."""
-    for arg in args:
-        if "\0" in arg:
-            raise ValueError("a dyno argument or config var holds a NUL byte")
-    return b"".join(os.fsencode(arg) + b"\0" for arg in args)
-
-
-def holder_argv(tools: dict[str, str], network: str, params: Sequence[str]) -> list[str]:
-    namespaces = ["--mount", "--propagation", "private"]
-    if network == "outbound":
-        namespaces.append("--net")
-    return [
-        tools["unshare"],
-        *namespaces,
-        "--",
-        tools["sh"],
-        "-c",
-        HOLDER_SCRIPT,
-        "holder",
-        *params,
-    ]
-
-
-def wrapper_argv(
-    tools: dict[str, str],
-    *,
-    holder_pid: int | None,
-    network: str,
-    procs_files: Sequence[str],
-    inner: Sequence[str],
-) -> list[str]:
-    """The dyno's argv: [nsenter into the holder] sh WRAPPER procs --
-    [chroot --userspec: the dyno user] bwrap --args 4 -- INNER. The dyno's init (in
-    INNER) gives a terminal session its controlling terminal."""
-    argv: list[str] = []
-    if holder_pid is not None:
-        argv += [tools["nsenter"], f"--target={holder_pid}", "--mount"]
-        if network == "outbound":
-            argv.append("--net")
-        argv.append("--")
-    argv += [tools["sh"], "-c", WRAPPER_SCRIPT, "dyno", *procs_files, "--"]
-    if holder_pid is not None:
-        # chroot to / only to change user: it sets the groups, gid and uid, and starts
-        # in a third of the time setpriv takes.
-        argv += [
-            tools["chroot"],
-            f"--userspec={DYNO_UID}:{DYNO_GID}",
-            f"--groups={DYNO_GID}",
-            "--skip-chdir",
-            "/",
-        ]
-    return [*argv, tools["bwrap"], "--args", "4", "--", *inner]
-
-
-def overlay_safe(path: Path) -> bool:
-    """overlayfs options cannot carry these characters in a layer path."""
-    return not any(c in str(path) for c in ",:\\\n")
-
-
-def find_tools(names: Iterable[str]) -> tuple[dict[str, str], list[str]]:
-    """Absolute paths of `names` on TRUSTED_PATH, and the names not found."""
-    found, missing = {}, []
-    for name in names:
-        path = shutil.which(name, path=TRUSTED_PATH)
-        if path is None:
-            missing.append(name)
-        else:
-            found[name] = path
-    return found, missing
 
 
 # The sandbox
@@ -324,12 +109,11 @@ class Plan:
 
 
 @dataclass
-class _Dyno:
+class _DynoResources:
     """What the sandbox holds for one prepared dyno."""
 
     cgroup: DynoCgroup | None = None
-    holder: trio.Process | None = None
-    holder_stdin: trio.abc.SendStream | None = None
+    holder: Holder | None = None
     slirp: Slirp | None = None
     args_path: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
@@ -344,17 +128,16 @@ class BwrapSandbox:
         self.plan = plan
         self.shell = config.dynos.shell
         self.dynos_dir = config.dynos_dir
-        self.views_dir = config.state_dir / "views"
+        self.views = ReleaseViews(config.state_dir / "views", config.releases_dir, tools)
         self.stack = look_at_stack(config.dynos.stack)
         self.hidden = hidden_args(self.stack, self._gateway_paths())
         self.init = init
-        self._dynos: dict[Path, _Dyno] = {}
-        self._view_locks: dict[Path, trio.Lock] = {}
+        self._dynos: dict[Path, _DynoResources] = {}
 
     # Choosing
 
     @classmethod
-    def probe(cls, config: Config, strict: bool, init: InitBinary) -> BwrapSandbox:
+    async def probe(cls, config: Config, strict: bool, init: InitBinary) -> BwrapSandbox:
         """A bwrap sandbox that has just run a dyno here, or BwrapUnavailable.
 
         With `strict` (sandbox = "bwrap"), outbound networking that cannot work is an
@@ -385,7 +168,7 @@ class BwrapSandbox:
             notes.append("not root: no cgroup limits, rlimits only; /app is a copy")
         plan = Plan(root, root and overlay_safe(config.state_dir), network, cgroups)
         try:
-            sandbox = cls._try(config, tools, plan, notes, strict, init)
+            sandbox = await cls._try(config, tools, plan, notes, strict, init)
         except BaseException:
             if cgroups is not None:
                 cgroups.remove_parents()
@@ -395,7 +178,7 @@ class BwrapSandbox:
         return sandbox
 
     @classmethod
-    def _try(
+    async def _try(
         cls,
         config: Config,
         tools: dict[str, str],
@@ -408,7 +191,7 @@ class BwrapSandbox:
         while True:
             sandbox = cls(config, tools, replace(plan, notes=tuple(notes)), init)
             try:
-                _run_in_new_trio(sandbox._probe)
+                await sandbox._probe()
             except HolderError as exc:
                 if exc.status != OVERLAY_FAILED or not plan.overlay:
                     raise BwrapUnavailable(str(exc)) from None
@@ -432,7 +215,8 @@ class BwrapSandbox:
         release = probe_dir / "release"
         release.mkdir(parents=True)
         (release / "probe.txt").write_text("ok\n")
-        self.views_dir = probe_dir / "views"  # the probe's view goes with it
+        views = self.views
+        self.views = ReleaseViews(probe_dir / "views", release.parent, self.tools)  # goes with it
         spec = DynoSpec(
             app="probe",
             name="probe",
@@ -465,8 +249,7 @@ class BwrapSandbox:
                 with trio.CancelScope(shield=True):
                     await self.remove(workspace)
         finally:
-            self.views_dir = self.config.state_dir / "views"
-            self._view_locks.clear()
+            self.views = views
             if probe_dir.exists():
                 remove_tree(probe_dir)
         expected = f"{DYNO_UID}\nprobe\nok\n".encode()
@@ -502,7 +285,7 @@ class BwrapSandbox:
         root = self.dynos_dir / f"{spec.app}.{spec.name}.{secrets.token_hex(8)}"
         root.mkdir(mode=0o700)
         workspace = Workspace(root)
-        dyno = self._dynos[root] = _Dyno()
+        dyno = self._dynos[root] = _DynoResources()
         try:
             if self.plan.cgroups is not None:
                 dyno.cgroup = self.plan.cgroups.create(root.name, limits_for(size))
@@ -511,7 +294,9 @@ class BwrapSandbox:
             if self.plan.root:
                 await self._start_holder(spec, workspace, dyno)
             else:
-                await self._copy_release(spec.release_dir, workspace.app)
+                await copy_release(
+                    self.tools, spec.release_dir, workspace.app, owned=self.plan.root
+                )
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.remove(workspace)
@@ -583,7 +368,7 @@ class BwrapSandbox:
             if dyno.slirp is not None:
                 await dyno.slirp.stop()
             if dyno.holder is not None:
-                await _end(dyno.holder, dyno.holder_stdin)
+                await dyno.holder.end()
         if workspace.root.exists():
             await trio.to_thread.run_sync(remove_tree, workspace.root)
 
@@ -596,18 +381,20 @@ class BwrapSandbox:
                 log.warning("removing a dyno cgroup left behind: %s", group.dirs[0])
                 group.remove_now()
         remove_dyno_dirs(self.dynos_dir)
-        self._remove_stale_views()
+        self.views.remove_stale()
 
     # Steps
 
-    async def _start_holder(self, spec: DynoSpec, workspace: Workspace, dyno: _Dyno) -> None:
+    async def _start_holder(
+        self, spec: DynoSpec, workspace: Workspace, dyno: _DynoResources
+    ) -> None:
         rw = workspace.root / "rw"
         rw.mkdir()
         lower, copy = "", ""
         if self.plan.overlay:
-            lower = str(await self._view(spec.app, spec.release_dir))
+            lower = str(await self.views.view(spec.app, spec.release_dir))
         else:
-            await self._copy_release(spec.release_dir, workspace.app)
+            await copy_release(self.tools, spec.release_dir, workspace.app, owned=self.plan.root)
             copy = str(workspace.app)
         resolv = ""
         if self.plan.network == "outbound" and _etc_resolv_is_file(self.stack):
@@ -621,42 +408,8 @@ class BwrapSandbox:
             copy,
             resolv,
         ]
-        stdin_r, stdin_w = os.pipe()
-        try:
-            dyno.holder = await trio.lowlevel.open_process(
-                holder_argv(self.tools, self.plan.network, params),
-                stdin=stdin_r,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env={"PATH": TRUSTED_PATH},
-                cwd="/",
-            )
-        except BaseException:
-            os.close(stdin_w)
-            raise
-        finally:
-            os.close(stdin_r)
-        dyno.holder_stdin = trio.lowlevel.FdStream(stdin_w)
-        holder = dyno.holder
-        assert holder.stdout is not None
-        output = b""
-
-        async def until(line: bytes) -> None:
-            nonlocal output
-            with trio.move_on_after(HOLDER_READY):
-                while line not in output:
-                    chunk = await holder.stdout.receive_some(4096)  # type: ignore[union-attr]
-                    if not chunk:
-                        break
-                    output += chunk
-            if line not in output:
-                status = holder.poll()
-                if status is None:
-                    with trio.move_on_after(1):
-                        status = await holder.wait()
-                raise HolderError(status, output.decode(errors="replace"))
-
-        await until(b"namespaces\n")
+        holder = dyno.holder = await Holder.start(self.tools, self.plan.network, params)
+        await holder.said(b"namespaces\n")
         if self.plan.network == "outbound":
             # slirp4netns starts on the holder's netns while the holder mounts.
             failures: list[BaseException] = []
@@ -672,62 +425,14 @@ class BwrapSandbox:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(slirp)
                 try:
-                    await until(b"ready\n")
+                    await holder.said(b"ready\n")
                 except Exception as exc:
                     failures.insert(0, exc)
             if failures:
                 raise failures[0]
         else:
-            await until(b"ready\n")
-        await holder.stdout.aclose()
-
-    async def _view(self, app: str, release_dir: Path) -> Path:
-        """The release as the dyno user owns it, made once per release: overlay copies
-        lower files up with their owner and mode, so a root-owned read-only release
-        would leave /app read-only for the dyno."""
-        info = os.stat(release_dir)
-        view = self.views_dir / app / f"{release_dir.name}.{info.st_ino}"
-        if view.is_dir():
-            return view
-        lock = self._view_locks.setdefault(view, trio.Lock())
-        async with lock:
-            if view.is_dir():
-                return view
-            self.views_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            view.parent.mkdir(mode=0o700, exist_ok=True)
-            partial = view.with_name(f".{view.name}.{secrets.token_hex(4)}")
-            try:
-                await _run(self.tools["cp"], "-a", "--reflink=auto", f"{release_dir}/.", partial)
-                await _run(self.tools["chown"], "-R", "-h", f"{DYNO_UID}:{DYNO_GID}", partial)
-                await _run(self.tools["chmod"], "-R", "u+w", partial)
-                partial.rename(view)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    if partial.exists():
-                        await trio.to_thread.run_sync(remove_tree, partial)
-                raise
-            log.info("release view made app=%s release=%s", app, release_dir.name)
-        return view
-
-    async def _copy_release(self, release_dir: Path, target: Path) -> None:
-        await _run(self.tools["cp"], "-a", "--reflink=auto", f"{release_dir}/.", target)
-        if self.plan.root:
-            await _run(self.tools["chown"], "-R", "-h", f"{DYNO_UID}:{DYNO_GID}", target)
-        await _run(self.tools["chmod"], "-R", "u+w", target)
-
-    def _remove_stale_views(self) -> None:
-        if not self.views_dir.is_dir():
-            return
-        for app_dir in self.views_dir.iterdir():
-            for view in app_dir.iterdir():
-                version, _, ino = view.name.rpartition(".")
-                release = self.config.releases_dir / app_dir.name / version
-                with contextlib.suppress(FileNotFoundError):
-                    if not view.name.startswith(".") and str(os.stat(release).st_ino) == ino:
-                        continue
-                remove_tree(view)
-            with contextlib.suppress(OSError):
-                app_dir.rmdir()
+            await holder.said(b"ready\n")
+        await holder.ready()
 
     def _shell_path(self) -> str:
         """bash where the stack has it, else sh, as the process sandbox chooses."""
@@ -775,41 +480,3 @@ def _etc_resolv_is_file(stack: Sequence[StackEntry]) -> bool:
     return any(e.path == "/etc" and e.link is None for e in stack) and stat.S_ISREG(
         os.lstat("/etc/resolv.conf").st_mode if os.path.lexists("/etc/resolv.conf") else 0
     )
-
-
-async def _run(*argv: str | Path) -> None:
-    """Run a tool to completion; its stderr becomes the error."""
-    result = await trio.run_process([str(a) for a in argv], capture_stderr=True, check=False)
-    if result.returncode != 0:
-        raise OSError(f"{Path(str(argv[0])).name} failed: {result.stderr.decode().strip()}")
-
-
-async def _end(process: trio.Process, stdin: trio.abc.SendStream | None) -> None:
-    """Close a helper's lifeline (it exits on EOF), kill it if it lingers, reap it."""
-    if stdin is not None:
-        with contextlib.suppress(trio.ClosedResourceError, OSError):
-            await stdin.aclose()
-    with trio.move_on_after(1):
-        await process.wait()
-        return
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    await process.wait()
-
-
-def _run_in_new_trio(fn: Callable[[], object]) -> None:
-    """Run the async `fn` to completion in a trio run of its own, on a thread: the
-    probe runs before the manager serves, from a synchronous caller."""
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            trio.run(fn)  # type: ignore[arg-type]
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=target, name="bwrap-probe")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]

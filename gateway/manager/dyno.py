@@ -13,7 +13,7 @@ import termios
 import trio
 
 from gateway.core.applog import LineSplitter
-from gateway.core.messages import Pty
+from gateway.core.protocol import Pty
 from gateway.manager.applog import AppLog
 from gateway.manager.dyno_init import InitPipes
 from gateway.manager.sandbox import DynoSpec
@@ -69,7 +69,7 @@ def _close_all(fds: list[int]) -> None:
         os.close(fd)
 
 
-class Dyno:
+class RunningDyno:
     """A running dyno: its process group (the spawned process leads it), its init (which
     sees every process of the dyno, job-control groups and orphans included), and the
     manager's ends of its streams."""

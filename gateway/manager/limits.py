@@ -33,7 +33,7 @@ import trio
 
 from gateway.config import SizeSettings
 
-log = logging.getLogger("gateway.manager")
+log = logging.getLogger(__name__)
 
 CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000

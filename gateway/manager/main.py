@@ -21,10 +21,10 @@ from gateway.config import Config
 from gateway.manager.bwrap import BwrapSandbox, BwrapUnavailable
 from gateway.manager.dyno_init import InitBinary, InitUnavailable
 from gateway.manager.sandbox import ProcessSandbox, Sandbox
-from gateway.manager.supervisor import Manager
+from gateway.manager.server import Manager
 from gateway.store import Store
 
-log = logging.getLogger("gateway.manager")
+log = logging.getLogger(__name__)
 # What the front writes on its ready pipe once it listens (gateway/front/main.py READY).
 READY = b"ready\n"
 
@@ -58,7 +58,7 @@ async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], No
     # KeyboardInterrupt in the middle of a task.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         store = Store(config.db_path)
-        sandbox = choose_sandbox(config)
+        sandbox = await choose_sandbox(config)
         manager = Manager(config, store, sandbox)
         front = Front(front_argv)
         stopping = trio.Event()
@@ -97,7 +97,7 @@ async def _watch_signals(signals: AsyncIterator[int], stopping: trio.Event, fron
         raise StoppedNow(signum)
 
 
-def choose_sandbox(config: Config) -> Sandbox:
+async def choose_sandbox(config: Config) -> Sandbox:
     """The sandbox `dynos.sandbox` asks for, said loudly, or SandboxUnavailable.
 
     "bwrap" and "auto" first run a trial dyno through bubblewrap; "bwrap" refuses to
@@ -109,7 +109,7 @@ def choose_sandbox(config: Config) -> Sandbox:
         raise SandboxUnavailable(str(exc)) from None
     if wanted in ("bwrap", "auto"):
         try:
-            bwrap = BwrapSandbox.probe(config, strict=wanted == "bwrap", init=init)
+            bwrap = await BwrapSandbox.probe(config, strict=wanted == "bwrap", init=init)
         except BwrapUnavailable as exc:
             if wanted == "bwrap":
                 raise SandboxUnavailable(

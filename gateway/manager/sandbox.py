@@ -17,7 +17,7 @@ from typing import Protocol
 import trio
 
 from gateway.core.environment import dyno_env
-from gateway.core.messages import Pty
+from gateway.core.protocol import Pty
 from gateway.manager.dyno_init import InitBinary, InitPipes
 from gateway.slugs import remove_tree
 

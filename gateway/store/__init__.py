@@ -1,3 +1,3 @@
-from gateway.store.db import App, AppKey, Dyno, Release, Store, StoreError
+from gateway.store.db import App, AppKey, DynoRecord, Release, Store, StoreError
 
-__all__ = ["App", "AppKey", "Dyno", "Release", "Store", "StoreError"]
+__all__ = ["App", "AppKey", "DynoRecord", "Release", "Store", "StoreError"]

@@ -17,86 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.core.applog import LogLine
-from gateway.core.commands import DynoRow
 from gateway.core.dyno import ENDED, State
-
-# Each entry moves the schema one version up; never edit one that has shipped.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE apps (
-        id INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        size TEXT NOT NULL DEFAULT 'standard-1x',
-        run_counter INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE releases (
-        id INTEGER PRIMARY KEY,
-        app_id INTEGER NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
-        version INTEGER NOT NULL,
-        slug_sha256 TEXT NOT NULL,
-        slug_size INTEGER NOT NULL,
-        unpacked_size INTEGER NOT NULL,
-        procfile TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        UNIQUE (app_id, version)
-    );
-    CREATE TABLE config_vars (
-        app_id INTEGER NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
-        key TEXT NOT NULL,
-        value TEXT NOT NULL,
-        PRIMARY KEY (app_id, key)
-    );
-    CREATE TABLE app_keys (
-        app_id INTEGER NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
-        fingerprint TEXT NOT NULL,
-        public_key TEXT NOT NULL,
-        comment TEXT NOT NULL DEFAULT '',
-        created_at REAL NOT NULL,
-        PRIMARY KEY (app_id, fingerprint)
-    );
-    CREATE TABLE dynos (
-        id INTEGER PRIMARY KEY,
-        app_id INTEGER NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
-        name TEXT NOT NULL,
-        command TEXT NOT NULL,
-        size TEXT NOT NULL,
-        release_version INTEGER NOT NULL,
-        attached INTEGER NOT NULL,
-        state TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        ended_at REAL,
-        exit_status INTEGER,
-        exit_signal TEXT,
-        UNIQUE (app_id, name)
-    );
-    CREATE INDEX dynos_by_state ON dynos (state);
-    """,
-    """
-    CREATE TABLE log_lines (
-        id INTEGER PRIMARY KEY,
-        app_id INTEGER NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
-        at REAL NOT NULL,
-        source TEXT NOT NULL,
-        dyno TEXT NOT NULL,
-        message TEXT NOT NULL
-    );
-    CREATE INDEX log_lines_by_app ON log_lines (app_id, id);
-    """,
-    """
-    CREATE TABLE api_tokens (
-        id INTEGER PRIMARY KEY,
-        token_sha256 TEXT NOT NULL UNIQUE,
-        apps TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    """,
-    """
-    ALTER TABLE dynos ADD COLUMN pid INTEGER;
-    ALTER TABLE dynos ADD COLUMN pid_started INTEGER;
-    """,
-]
+from gateway.core.protocol import DynoInfo
+from gateway.store.schema import MIGRATIONS
 
 
 class StoreError(Exception):
@@ -130,7 +53,7 @@ class AppKey:
 
 
 @dataclass(frozen=True)
-class Dyno:
+class DynoRecord:
     app: str
     name: str
     command: str
@@ -146,10 +69,12 @@ class Dyno:
     pid: int | None = None
     pid_started: int | None = None
 
-    def row(self) -> DynoRow:
-        return DynoRow(
-            self.name, self.size, self.state, self.updated_at, self.command, self.attached,
-            self.created_at,
+    def info(self) -> DynoInfo:
+        """The dyno as clients are told of it."""
+        return DynoInfo(
+            name=self.name, size=self.size, state=self.state, since=self.updated_at,
+            command=self.command, attached=self.attached, created_at=self.created_at,
+            release_version=self.release_version,
         )  # fmt: skip
 
 
@@ -198,7 +123,7 @@ class Store:
 
     @property
     def schema_version(self) -> int:
-        return self._db.execute("PRAGMA user_version").fetchone()[0]
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     # -- apps ------------------------------------------------------------------------
 
@@ -349,7 +274,7 @@ class Store:
 
     def create_dyno(
         self, app: str, command: str, size: str, release_version: int, attached: bool
-    ) -> Dyno:
+    ) -> DynoRecord:
         """Allocate the app's next `run.N` (never reused) and record the dyno as starting."""
         app_id = self.app(app).id
         now = time.time()
@@ -364,7 +289,9 @@ class Store:
                 " state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (app_id, name, command, size, release_version, attached, State.STARTING, now, now),
             )
-        return self.get_dyno(app, name)  # type: ignore[return-value]
+        created = self.get_dyno(app, name)
+        assert created is not None  # written by the transaction just committed
+        return created
 
     def set_dyno_process(self, app: str, name: str, pid: int, started: int) -> None:
         """The dyno's process (its group leader) and its start time in clock ticks, so
@@ -402,7 +329,7 @@ class Store:
                 (state, now, now, exit_status, exit_signal, name, app),
             )
 
-    def get_dyno(self, app: str, name: str) -> Dyno | None:
+    def get_dyno(self, app: str, name: str) -> DynoRecord | None:
         row = self._db.execute(
             "SELECT apps.name AS app, dynos.* FROM dynos JOIN apps ON apps.id = dynos.app_id"
             " WHERE apps.name = ? AND dynos.name = ?",
@@ -410,7 +337,7 @@ class Store:
         ).fetchone()
         return _dyno(row) if row else None
 
-    def list_dynos(self, app: str | None = None, running: bool = False) -> list[Dyno]:
+    def list_dynos(self, app: str | None = None, running: bool = False) -> list[DynoRecord]:
         """Dynos, newest last; `running` keeps those not yet ended."""
         sql = "SELECT apps.name AS app, dynos.* FROM dynos JOIN apps ON apps.id = dynos.app_id"
         clauses, args = [], []
@@ -498,8 +425,8 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _dyno(row: sqlite3.Row) -> Dyno:
-    return Dyno(
+def _dyno(row: sqlite3.Row) -> DynoRecord:
+    return DynoRecord(
         app=row["app"],
         name=row["name"],
         command=row["command"],

@@ -8,9 +8,8 @@ the dyno's last output byte, as sshd does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,27 +17,27 @@ from typing import Any
 import asyncssh
 
 from gateway.core import commands
-from gateway.core.messages import SIGNALS, Pty
+from gateway.core import protocol as p
 from gateway.core.prelimits import filter_env
+from gateway.eventlog import EventLog, event_log
+from gateway.front.attached import AttachedSessions
 from gateway.front.attachment import Attachment, Client
-from gateway.front.link import ManagerLink, ManagerUnavailable
+from gateway.front.link import ManagerLink
 from gateway.front.observe import Observer, SessionTrace
 from gateway.front.reserved import ReservedCommand
-from gateway.front.sessions import ActiveSessions
-from gateway.store import Store
+from gateway.ipc import ManagerGone, ManagerRefused, ManagerUnavailable
 
-log = logging.getLogger("gateway.front")
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SessionContext:
-    app: str
-    connection: str
+class SessionServices:
+    """What every session of this front shares: settings and the front's own objects."""
+
     manager_socket: Path
     banner: bool
     idle_timeout: int
-    store: Store
-    sessions: ActiveSessions
+    sessions: AttachedSessions
     observer: Observer
     # Client `env` requests that reach the dyno ([ssh] accept_env); none when empty.
     accept_env: tuple[str, ...] = ()
@@ -47,32 +46,49 @@ class SessionContext:
     public_address: tuple[str, int] = ("HOST", 22)
 
 
-class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
-    def __init__(self, context: SessionContext) -> None:
-        self.context = context
-        self.where = f"app={context.app} conn={context.connection}"
-        self._chan: asyncssh.SSHServerChannel | None = None
-        self._pty: Pty | None = None
+class SSHSession(asyncssh.SSHServerSession[bytes]):
+    """An SSH session channel. It is the reserved commands' Console, and an Attached
+    session for the front's shutdown."""
+
+    def __init__(
+        self,
+        app: str,
+        connection: str,
+        services: SessionServices,
+        ended: Callable[[], None] | None = None,
+    ) -> None:
+        self.app = app
+        self._ended = ended  # the connection counts its sessions (max_sessions)
+        self.connection = connection
+        self.services = services
+        self.log: EventLog = event_log(__name__, app=app, conn=connection)
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._pty: p.Pty | None = None
         self._command: str | None = None
         self._task: asyncio.Task[None] | None = None
-        self._link: ManagerLink | None = None
+        self._signals: set[asyncio.Task[None]] = set()  # kept until done (asyncio's rule)
+        self._links: list[ManagerLink] = []
         self._attachment: Attachment | None = None
         self._trace: SessionTrace | None = None
         self._reserved: commands.Reserved | None = None
         self._writable = asyncio.Event()
         self._writable.set()
-        self.on_input: Any = None  # reserved commands watch input (Ctrl-C ends a tail)
+        self._on_interrupt: Callable[[], None] | None = None
 
     # -- requests before the session starts --------------------------------------------
 
-    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
 
     def pty_requested(
         self, term_type: str, term_size: tuple[int, int, int, int], _modes: Any
     ) -> bool:
         cols, rows = term_size[0] or 80, term_size[1] or 24
-        self._pty = Pty(term=term_type or "xterm", cols=cols, rows=rows)
+        try:
+            self._pty = p.Pty(term=term_type or "xterm", cols=cols, rows=rows)
+        except p.LocalProtocolError as exc:
+            self.log.info("pty refused error=%s", exc)
+            return False
         return True
 
     def shell_requested(self) -> bool:
@@ -83,7 +99,7 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        log.info("subsystem refused %s subsystem=%r", self.where, subsystem)
+        self.log.info("subsystem refused subsystem=%r", subsystem)
         return False
 
     def session_started(self) -> None:
@@ -92,7 +108,7 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         try:
             self._reserved = commands.parse(self._command) if self._command else None
         except commands.UsageError as exc:
-            self._fail(str(exc))
+            self.fail(str(exc))
             return
         if self._reserved is None or (
             isinstance(self._reserved, commands.Run) and self._reserved.attach
@@ -100,7 +116,7 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             # Made now, so input that arrives before the dyno is up is held, not lost.
             self._attachment = Attachment(
                 Client(chan.write, chan.write_stderr, chan.pause_reading, chan.resume_reading),
-                self.context.idle_timeout,
+                self.services.idle_timeout,
                 self._idle_cutoff,
             )
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -109,8 +125,9 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     # -- while it runs -----------------------------------------------------------------
 
     def data_received(self, data: bytes, _datatype: Any) -> None:
-        if self.on_input is not None:
-            self.on_input(data)
+        if self._on_interrupt is not None:
+            if b"\x03" in data:  # Ctrl-C on a terminal in raw mode
+                self._on_interrupt()
         elif self._attachment is not None:
             self._attachment.feed(data)
 
@@ -120,11 +137,13 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         return True  # keep our side open: the dyno's output is still to come
 
     def signal_received(self, signal: str) -> None:
-        if signal not in SIGNALS:
-            log.info("signal refused %s signal=%r", self.where, signal)
+        if signal not in p.SIGNALS:
+            self.log.info("signal refused signal=%r", signal[:32])
             return
-        if self._link is not None:
-            asyncio.get_running_loop().create_task(self._send_signal(self._link, signal))
+        if self._links:
+            task = asyncio.get_running_loop().create_task(self._links[-1].signal(signal))
+            self._signals.add(task)
+            task.add_done_callback(self._signals.discard)
 
     def break_received(self, _msec: int) -> bool:
         return False
@@ -144,6 +163,9 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self._attachment.resume_output()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._ended is not None:
+            self._ended()
+            self._ended = None
         if self._task is not None and not self._task.done():
             self._task.cancel()
         else:
@@ -161,99 +183,94 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             else:
                 await ReservedCommand(self, reserved).run()
         except ManagerUnavailable as exc:
-            log.error("manager unavailable %s error=%s", self.where, exc)
-            self._fail("the dyno manager is not available; try again shortly")
+            self.log.error("manager unavailable error=%s", exc)
+            self.fail("the dyno manager is not available; try again shortly")
         finally:
             self._close()
-
-    async def open_link(self) -> ManagerLink:
-        """A new connection to the manager, closed with the session."""
-        self._link = await ManagerLink.open(self.context.manager_socket)
-        return self._link
 
     async def _attach(
         self, command: str | None, size: str | None = None, env: dict[str, str] | None = None
     ) -> None:
         chan, attachment = self._chan, self._attachment
         assert chan is not None and attachment is not None
+        try:
+            run = p.Run(
+                app=self.app,
+                command=command,
+                connection=self.connection,
+                pty=self._pty,
+                env={**self._client_env(), **(env or {})},  # `run -e K=V` wins
+                size=size,
+            )
+        except p.LocalProtocolError as exc:  # too large for any dyno: the user's to fix
+            self.fail(str(exc))
+            return
         link = await self.open_link()
-        pty = None
-        if self._pty is not None:
-            pty = {"term": self._pty.term, "cols": self._pty.cols, "rows": self._pty.rows}
-        await link.send(
-            "run",
-            app=self.context.app,
-            command=command,
-            pty=pty,
-            env={**self._client_env(), **(env or {})},  # `run -e K=V` wins
-            size=size,
-            connection=self.context.connection,
-        )
-        reply = await link.receive()
-        if reply is None:
-            self._fail("the dyno manager went away; try again shortly")
+        try:
+            streams = await link.start(run)
+        except ManagerRefused as exc:
+            self.fail(str(exc))
             return
-        message, fds = reply
-        if message["type"] != "started" or len(fds) != (1 if self._pty else 3):
-            _close_fds(fds)
-            if message["type"] == "error":
-                self._fail(str(message.get("message", "the run was refused")))
-            else:
-                log.error("bad reply from the manager %s: %r", self.where, message)
-                self._fail("the dyno manager sent a bad reply")
+        except ManagerGone:
+            self.fail("the dyno manager went away; try again shortly")
             return
-        dyno = str(message["dyno"])
-        self.where = f"app={self.context.app} dyno={dyno} conn={self.context.connection}"
-        log.info("session attached %s pty=%s", self.where, self._pty is not None)
-        if self._pty is not None and self.context.banner:
+        dyno = streams.dyno
+        self.log = self.log.bind(dyno=dyno.name)
+        self.log.info("session attached pty=%s", self._pty is not None)
+        if self._pty is not None and self.services.banner:
             shown = command or "bash"
-            chan.write_stderr(f"Running `{shown}` attached to terminal... up, {dyno}\r\n".encode())
-        attachment.start(fds, pty=self._pty is not None)
-        self.context.sessions.add(self)
-        self._trace = self.context.observer.session(
-            self.context.connection, self.context.app, dyno, str(message.get("size", "")),
-            command, self._pty is not None, "ssh",
+            chan.write_stderr(
+                f"Running `{shown}` attached to terminal... up, {dyno.name}\r\n".encode()
+            )
+        attachment.start(streams.fds, pty=self._pty is not None)
+        self.services.sessions.add(self)
+        self._trace = self.services.observer.session(
+            self.connection, self.app, dyno.name, dyno.size, command, self._pty is not None,
+            "ssh",
         )  # fmt: skip
-        exited = await link.receive()
-        await attachment.drained()
-        if exited is None or exited[0]["type"] != "exited":
-            log.error("manager lost the dyno %s", self.where)
-            self._fail("the dyno manager went away; the dyno's end is unknown")
+        try:
+            exit = await link.exited()
+        except ManagerGone:
+            await attachment.drained()
+            self.log.error("manager lost the dyno")
+            self.fail("the dyno manager went away; the dyno's end is unknown")
             return
-        status, signame = exited[0].get("status"), exited[0].get("signal")
-        log.info("session ended %s status=%s signal=%s", self.where, status, signame)
-        self._trace.exit_status, self._trace.exit_signal = status, signame
-        if signame:
-            chan.exit_with_signal(str(signame))
+        await attachment.drained()
+        self.log.info("session ended status=%s signal=%s", exit.status, exit.signal)
+        self._trace.exit_status, self._trace.exit_signal = exit.status, exit.signal
+        if exit.signal:
+            chan.exit_with_signal(exit.signal)
         else:
-            chan.exit(int(status) if isinstance(status, int) else 255)
+            chan.exit(exit.status if exit.status is not None else 255)
 
     def _client_env(self) -> dict[str, str]:
         """The client's env requests that [ssh] accept_env lets through to the dyno."""
         assert self._chan is not None
-        accepted, refused = filter_env(self._chan.get_environment(), self.context.accept_env)
+        accepted, refused = filter_env(self._chan.get_environment(), self.services.accept_env)
         if refused:
             names = ",".join(repr(name[:64]) for name in refused[:10])
-            log.info("env refused %s names=%s count=%d", self.where, names, len(refused))
+            self.log.info("env refused names=%s count=%d", names, len(refused))
         return accepted
 
     def _idle_cutoff(self) -> None:
-        """No bytes either way for idle_timeout: close the session; the dyno gets SIGHUP
+        """No bytes either way for idle_timeout: close the session; the dyno is hung up
         when the link closes, as on a disconnect."""
-        log.info("session idle, closing %s idle_timeout=%d", self.where, self.context.idle_timeout)
+        self.log.info("session idle, closing idle_timeout=%d", self.services.idle_timeout)
         if self._chan is not None:
             self._chan.write_stderr(
-                f"\r\ngateway: no input or output for {self.context.idle_timeout} s, "
+                f"\r\ngateway: no input or output for {self.services.idle_timeout} s, "
                 "closing the session\r\n".encode()
             )
             self._chan.close()
 
-    @staticmethod
-    async def _send_signal(link: ManagerLink, name: str) -> None:
-        with contextlib.suppress(OSError):
-            await link.send("signal", name=name)
+    # -- Console (for reserved commands) -----------------------------------------------
 
-    def _fail(self, message: str) -> None:
+    async def open_link(self) -> ManagerLink:
+        link = await ManagerLink.open(self.services.manager_socket)
+        self._links.append(link)
+        return link
+
+    def fail(self, message: str) -> None:
         self.write(f"gateway: {message}\n", stderr=True)
         self.exit(1)
 
@@ -272,13 +289,17 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         assert self._chan is not None
         self._chan.exit(status)
 
-    @property
-    def has_terminal(self) -> bool:
-        return self._pty is not None
-
     async def writable(self) -> None:
-        """Wait while the client is not taking our output (the channel paused us)."""
         await self._writable.wait()
+
+    def on_interrupt(self, callback: Callable[[], None]) -> None:
+        self._on_interrupt = callback
+
+    def ssh_command(self) -> str:
+        host, port = self.services.public_address
+        return f"ssh {self.app}@{host}" if port == 22 else f"ssh -p {port} {self.app}@{host}"
+
+    # -- Attached (for the front's shutdown) -------------------------------------------
 
     def notify(self, text: str) -> None:
         self.write(f"{text}\n", stderr=True)
@@ -288,23 +309,18 @@ class DynoSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self._chan.close()
 
     def _close(self) -> None:
-        """Release everything; closing the link is what tells the manager we are gone."""
-        self.context.sessions.discard(self)
+        """Release everything; closing the links is what tells the manager we are gone."""
+        self.services.sessions.discard(self)
         if self._attachment is not None:
             if self._trace is not None:
                 self._trace.ended(self._attachment.bytes_in, self._attachment.bytes_out)
             self._attachment.close()
-        if self._link is not None:
-            self._link.close()
-            self._link = None
+        for link in self._links:
+            link.close()
+        self._links.clear()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("session failed %s", self.where, exc_info=task.exception())
+            self.log.error("session failed", exc_info=task.exception())
             if self._chan is not None:
                 self._chan.close()
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)

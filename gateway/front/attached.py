@@ -1,4 +1,5 @@
-"""The attached sessions of this front, so that shutdown can tell them and then end them."""
+"""The attached sessions of this front (SSH and rendezvous), so that shutdown can tell them
+and then end them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import logging
 from typing import Protocol
 
-log = logging.getLogger("gateway.front")
+log = logging.getLogger(__name__)
 
 
 class Attached(Protocol):
@@ -20,7 +21,7 @@ class Attached(Protocol):
         ...
 
 
-class ActiveSessions:
+class AttachedSessions:
     def __init__(self) -> None:
         self._sessions: set[Attached] = set()
         self._empty = asyncio.Event()

@@ -1,0 +1,112 @@
+"""Commands about running dynos: the app log, ps, ps:stop, sizes, usage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+
+from gateway.cli.registry import (
+    UserError,
+    _audit,
+    _manager,
+    _print_json,
+    _store,
+    app_arg,
+    command,
+    json_arg,
+)
+from gateway.config import Config
+from gateway.core.commands import dyno_json, format_ps
+from gateway.core.protocol import Dropped, LogLines, Logs, Stop
+
+# -- the app log -----------------------------------------------------------------------
+
+
+@command(
+    "logs",
+    "show the app log (Heroku's line format); --tail follows it",
+    app_arg,
+    lambda p: p.add_argument("-p", "--dyno", help="only this dyno's lines (run.N)"),
+    lambda p: p.add_argument("-n", "--num", type=int, default=100, help="how many lines"),
+    lambda p: p.add_argument("-t", "--tail", action="store_true", help="follow new lines"),
+)
+def logs(args: argparse.Namespace, config: Config) -> int:
+    if not args.tail:
+        for logged in _store(config).read_log(args.app, dyno=args.dyno, lines=args.num):
+            print(logged.format())
+        return 0
+    for message in _manager(config, Logs(args.app, args.dyno, args.num, tail=True)):
+        if isinstance(message, LogLines):
+            for line in message.lines:
+                print(line, flush=True)
+        elif isinstance(message, Dropped):
+            print(f"gateway: {message.count} log lines dropped", file=sys.stderr)
+    return 0
+
+
+# -- dynos -----------------------------------------------------------------------------
+
+
+@command("ps", "list an app's running one-off dynos", app_arg, json_arg)
+def ps(args: argparse.Namespace, config: Config) -> int:
+    rows = [dyno.info() for dyno in _store(config).list_dynos(args.app, running=True)]
+    if args.json:
+        _print_json([dyno_json(row) for row in rows])
+    else:
+        print(format_ps(rows, time.time()), end="")
+    return 0
+
+
+@command(
+    "ps:stop",
+    "stop a dyno: SIGTERM, stop_grace, SIGKILL",
+    app_arg,
+    lambda p: p.add_argument("dyno", help="run.N"),
+)
+def ps_stop(args: argparse.Namespace, config: Config) -> int:
+    for _ in _manager(config, Stop(args.app, args.dyno)):
+        print(f"Stopping {args.dyno} dyno on {args.app}... done")
+    return 0
+
+
+@command(
+    "apps:update",
+    "change an app's default dyno size",
+    app_arg,
+    lambda p: p.add_argument("--size", required=True, help="a size from [sizes]"),
+)
+def apps_update(args: argparse.Namespace, config: Config) -> int:
+    if args.size not in config.sizes:
+        raise UserError(f"unknown dyno size {args.size!r}: choose one of {', '.join(config.sizes)}")
+    _store(config).set_app_size(args.app, args.size)
+    _audit(config, "app_updated", app=args.app, size=args.size)
+    print(f"{args.app} now runs {args.size} dynos by default")
+    return 0
+
+
+@command(
+    "usage",
+    "dyno-seconds of ended dynos, per app and size",
+    lambda p: p.add_argument("app", nargs="?", help="only this app"),
+    lambda p: p.add_argument("--since", help="only dynos started on or after DATE (YYYY-MM-DD)"),
+    json_arg,
+)
+def usage(args: argparse.Namespace, config: Config) -> int:
+    since = 0.0
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since).replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            raise UserError(
+                f"--since takes a date such as 2026-11-01, not {args.since!r}"
+            ) from None
+    rows = _store(config).usage(args.app, since)
+    if args.json:
+        _print_json([asdict(row) for row in rows])
+        return 0
+    for row in rows:
+        print(f"{row.app}  {row.size}  {row.dynos} dynos  {row.seconds:.0f} dyno-seconds")
+    return 0

@@ -1,0 +1,267 @@
+"""Running the gateway: serve, demo, check, and the front's own entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import socket
+import stat
+import sys
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway import config as config_module
+from gateway.cli.admin import releases_create
+from gateway.cli.registry import (
+    _store,
+    command,
+)
+from gateway.config import Config, split_listen
+from gateway.keys import HOST_KEY_NAMES, ensure_host_keys, public_key, write_key_pair
+from gateway.store import Store
+from gateway.tls import ensure_rendezvous_cert
+
+# -- serving ---------------------------------------------------------------------------
+
+
+def _front_argv(args: argparse.Namespace) -> list[str]:
+    argv = [sys.executable, "-m", "gateway"]
+    if args.config:
+        argv += ["--config", str(args.config)]
+    argv.append("_front")
+    if getattr(args, "port_base", None) is not None:
+        argv += ["--port-base", str(args.port_base)]
+    return argv
+
+
+def where_state_lives(config: Config) -> str:
+    """`state in /x/state, keys in /x/keys (from FILE)`: said at start and by `gateway
+    check`, since without a config file the answer is not obvious (config.default_home)."""
+    if config.source == "<defaults>":
+        home, why = config_module.default_home()
+        origin = f"built-in defaults; {home} is {why}"
+    else:
+        origin = f"from {config.source}"
+    return f"state in {config.state_dir}, keys in {config.keys_dir} ({origin})"
+
+
+def _config_file_hint(config: Config, key: str, command: str) -> str:
+    if config.source == "<defaults>":
+        return f"set {key} in a config file (gateway --config FILE {command})"
+    return f"set {key} in {config.source}"
+
+
+def _start(
+    config: Config,
+    args: argparse.Namespace,
+    on_ready: Callable[[], None],
+    how_to_move: Callable[[str], str],
+) -> int:
+    from gateway.manager.main import run
+
+    _setup_logging()
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    for path in ensure_host_keys(config.keys_dir):
+        key = public_key(path)
+        print(f"host key {key.key_type} {key.fingerprint}", file=sys.stderr)
+    if config.rendezvous.listen:
+        ensure_rendezvous_cert(config.keys_dir, config.rendezvous.san)
+    return run(config, _front_argv(args), on_ready, how_to_move)
+
+
+@command("serve", "run the gateway (SSH front and dyno manager)")
+def serve(args: argparse.Namespace, config: Config) -> int:
+    print(f"gateway: {where_state_lives(config)}", file=sys.stderr, flush=True)
+    host, port = config.ssh.host_port
+
+    def ready() -> None:
+        print(f"gateway: SSH listening on {host}:{port}", file=sys.stderr, flush=True)
+
+    def how_to_move(table: str) -> str:
+        return _config_file_hint(config, f"[{table}] listen", "serve")
+
+    return _start(config, args, ready, how_to_move)
+
+
+def port_base_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--port-base",
+        type=int,
+        metavar="N",
+        help="listen on ports N (SSH), N+1 (rendezvous), N+2 (API), N+3 (metrics) "
+        "instead of the configured ones",
+    )
+
+
+@command("_front", argparse.SUPPRESS, port_base_arg)
+def front(args: argparse.Namespace, config: Config) -> int:
+    from gateway.front.main import run
+
+    _setup_logging()
+    ready = os.environ.pop("GATEWAY_READY_FD", None)
+    lifeline = os.environ.pop("GATEWAY_LIFELINE_FD", None)
+    return run(config, int(ready) if ready else None, int(lifeline) if lifeline else None)
+
+
+@command("check", "check config, keys, sandbox, state DB and ports; exit 1 on a problem")
+def check(args: argparse.Namespace, config: Config) -> int:
+    """For operators and for systemd (ExecStartPre): every line says what was checked."""
+    import trio
+
+    from gateway.manager.main import SandboxUnavailable, choose_sandbox
+
+    results: list[tuple[bool, str]] = [
+        (
+            True,
+            "config: no file, built-in defaults (--config FILE or $GATEWAY_CONFIG names one)"
+            if config.source == "<defaults>"
+            else f"config: {config.source}",
+        ),
+        (True, where_state_lives(config)),
+    ]
+    for name in HOST_KEY_NAMES:
+        path = config.keys_dir / name
+        if not path.exists():
+            writable = os.access(
+                path.parent if path.parent.exists() else config.keys_dir.parent, os.W_OK
+            )
+            results.append(
+                (
+                    writable,
+                    f"host key {path}: missing, made at first start"
+                    if writable
+                    else f"host key {path}: missing and cannot be made",
+                )
+            )
+        elif stat.S_IMODE(path.stat().st_mode) & 0o077:
+            results.append((False, f"host key {path}: readable by others (chmod 600)"))
+        else:
+            results.append((True, f"host key {path}: {public_key(path).fingerprint}"))
+    try:
+        store = Store(config.db_path)
+        results.append(
+            (
+                True,
+                f"state: {config.db_path} (schema v{store.schema_version}, "
+                f"{len(store.list_apps())} apps)",
+            )
+        )
+    except Exception as exc:
+        results.append((False, f"state: {config.db_path}: {exc}"))
+    logging.disable(logging.WARNING)
+    try:
+        results.append((True, trio.run(choose_sandbox, config).describe()))
+    except SandboxUnavailable as exc:
+        results.append((False, f"sandbox: {exc}"))
+    finally:
+        logging.disable(logging.NOTSET)
+    for key, listen in (
+        ("ssh.listen", config.ssh.listen),
+        ("rendezvous.listen", config.rendezvous.listen),
+        ("api.listen", config.api.listen),
+        ("metrics.listen", config.metrics.listen),
+    ):
+        if listen:
+            results.append(_port_free(key, listen))
+    for ok, line in results:
+        print(f"{'ok  ' if ok else 'FAIL'} {line}")
+    return 0 if all(ok for ok, _ in results) else 1
+
+
+def _port_free(key: str, listen: str) -> tuple[bool, str]:
+    host, port = split_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return False, f"{key} {listen}: cannot listen ({exc.strerror}; is the gateway running?)"
+    return True, f"{key} {listen}: free"
+
+
+DEMO_APP = "demo"
+
+
+@command(
+    "demo",
+    "serve with a sample app and a generated client key; prints the ssh line",
+    port_base_arg,
+)
+def demo(args: argparse.Namespace, config: Config) -> int:
+    print(f"gateway: {where_state_lives(config)}", file=sys.stderr, flush=True)
+    store = _store(config)
+    if store.get_app(DEMO_APP) is None:
+        store.create_app(DEMO_APP)
+    client_key = config.keys_dir / "demo_client_ed25519"
+    config.keys_dir.mkdir(parents=True, exist_ok=True)
+    write_key_pair(client_key, "ed25519", "gateway-demo-client")
+    key = public_key(client_key)
+    store.add_key(DEMO_APP, key.fingerprint, key.line, key.comment)
+    if store.latest_release(DEMO_APP) is None:
+        sample = Path(__file__).resolve().parents[2] / "contrib" / "sample-app"
+        slug = config.state_dir / "sample-app.tgz"
+        pack_dir(sample, slug)
+        ns = argparse.Namespace(app=DEMO_APP, slug=slug, json=False)
+        releases_create(ns, config)
+    host, port = config.ssh.public_address
+    known_hosts = config.keys_dir / "known_hosts"
+    ensure_host_keys(config.keys_dir)
+    host_key = public_key(config.keys_dir / "ssh_host_ed25519_key")
+    known_hosts.write_text(f"[{host}]:{port} {host_key.key_type} {_b64(host_key)}\n")
+    # Absolute paths, so the lines work from any directory.
+    ssh = (
+        f"ssh -i {shlex.quote(str(client_key))} "
+        f"-o UserKnownHostsFile={shlex.quote(str(known_hosts))} -p {port} {DEMO_APP}@{host}"
+    )
+
+    def ready() -> None:
+        print(
+            "\nThe gateway is up with the sample app 'demo'. Try, in another terminal:\n\n"
+            f"    {ssh} 'echo hello from $DYNO'\n"
+            f"    {ssh} worker 3\n"
+            f"    {ssh} -t bash\n\n"
+            "Ctrl-C here stops the gateway.\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def how_to_move(table: str) -> str:
+        return (
+            "move all four listeners with --port-base N (SSH on N, the others on N+1 to N+3), "
+            f"or {_config_file_hint(config, f'[{table}] listen', 'demo')}"
+        )
+
+    return _start(config, args, ready, how_to_move)
+
+
+def _b64(key: Any) -> str:
+    return str(key.line.split()[1])
+
+
+def pack_dir(app_dir: Path, out: Path) -> None:
+    """Pack an app dir into a slug (a tar.gz of its contents), as contrib/pack-slug does."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w:gz") as tar:
+        for child in sorted(app_dir.iterdir()):
+            tar.add(child, arcname=child.name, filter=_owner_root)
+
+
+def _owner_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    # asyncssh logs every channel step at INFO; our own lines carry app, dyno and conn.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)

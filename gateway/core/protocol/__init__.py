@@ -1,0 +1,96 @@
+"""The front <-> manager protocol, without I/O, in the manner of h11.
+
+One conversation per SEQPACKET connection. The front (the client) opens it with a
+request; the request fixes what may follow. Each message is a frozen dataclass that
+checks its fields when it is built; `encode` and `decode` turn one into one packet of
+JSON and back; a `Conversation` on each side enforces the order of messages and the
+descriptors each one carries.
+
+    request           then (C: the front, S: the manager)
+    Run, attached     S Started+fds | Refused;  C Signal*;  S Exited
+    Run, await_attach S Reserved | Refused;  C Attach;  S Started+fds | Refused;  ...
+    Run, detached     S Started | Refused
+    Stop              S Stopping | Refused
+    Logs              S (LogLines | Dropped)*, End unless tailing | Refused
+    Metrics           S MetricsText*, End
+    ListDynos         S DynoList | Refused
+
+The descriptors with Started: a PTY master; or stdin, stdout and stderr; or stdin and one
+merged output. Closing the connection ends the conversation; the front closing a running
+one is its client's hang-up.
+
+Faults are split as h11 splits them: LocalProtocolError when *we* are about to break the
+protocol (our bug, or a value too large for it, such as a command no exec could take),
+RemoteProtocolError when the peer did. The message of either is fit for a log line; a
+LocalProtocolError raised while building a request from user input is fit for the user.
+"""
+
+from gateway.core.protocol.codec import batches, decode, encode
+from gateway.core.protocol.conversation import Conversation, Phase, Role
+from gateway.core.protocol.messages import (
+    MAX_COMMAND,
+    MAX_PACKET,
+    MESSAGES,
+    REQUESTS,
+    SIGNALS,
+    Attach,
+    Dropped,
+    DynoInfo,
+    DynoList,
+    End,
+    Exited,
+    ListDynos,
+    LocalProtocolError,
+    LogLines,
+    Logs,
+    Message,
+    Metrics,
+    MetricsText,
+    ProtocolError,
+    Pty,
+    Refused,
+    RemoteProtocolError,
+    Reserved,
+    Run,
+    Signal,
+    Started,
+    Stop,
+    Stopping,
+)
+
+__all__ = [
+    "MAX_COMMAND",
+    "MAX_PACKET",
+    "MESSAGES",
+    "REQUESTS",
+    "SIGNALS",
+    "Attach",
+    "Conversation",
+    "Dropped",
+    "DynoInfo",
+    "DynoList",
+    "End",
+    "Exited",
+    "ListDynos",
+    "LocalProtocolError",
+    "LogLines",
+    "Logs",
+    "Message",
+    "Metrics",
+    "MetricsText",
+    "Phase",
+    "ProtocolError",
+    "Pty",
+    "Refused",
+    "RemoteProtocolError",
+    "Reserved",
+    "Role",
+    "Run",
+    "Signal",
+    "Started",
+    "Stop",
+    "Stopping",
+    "batches",
+    "decode",
+    "encode",
+]  # fmt: skip

@@ -1,0 +1,124 @@
+"""The order of messages: what each side may send next, with how many descriptors (in
+the manner of h11's transition tables)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from gateway.core.protocol.codec import decode, encode
+from gateway.core.protocol.messages import (
+    Attach,
+    Dropped,
+    DynoList,
+    End,
+    Exited,
+    ListDynos,
+    LocalProtocolError,
+    LogLines,
+    Logs,
+    Message,
+    Metrics,
+    MetricsText,
+    ProtocolError,
+    Refused,
+    RemoteProtocolError,
+    Reserved,
+    Run,
+    Signal,
+    Started,
+    Stop,
+    Stopping,
+)
+
+
+class Role(enum.Enum):
+    CLIENT = "client"  # the front
+    SERVER = "server"  # the manager
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # nothing sent yet
+    AWAIT_RESERVED = "await reserved"
+    RESERVED = "reserved"  # waiting for the client's Attach
+    AWAIT_STARTED = "await started"
+    RUNNING = "running"  # attached: signals up, Exited down
+    STOPPING = "await stopping"
+    LOG_STREAM = "streaming logs"  # LogLines and Dropped, until End (never, when tailing)
+    METRICS_STREAM = "streaming metrics"
+    LISTING = "await dyno list"
+    DONE = "done"
+
+
+# (phase, message) -> the next phase, for what each side may send. Run and Started are
+# not here: where they lead depends on the request (see Conversation._advance).
+_FROM_CLIENT: dict[tuple[Phase, type[Message]], Phase] = {
+    (Phase.IDLE, Stop): Phase.STOPPING,
+    (Phase.IDLE, Logs): Phase.LOG_STREAM,
+    (Phase.IDLE, Metrics): Phase.METRICS_STREAM,
+    (Phase.IDLE, ListDynos): Phase.LISTING,
+    (Phase.RESERVED, Attach): Phase.AWAIT_STARTED,
+    (Phase.RUNNING, Signal): Phase.RUNNING,
+}
+_FROM_SERVER: dict[tuple[Phase, type[Message]], Phase] = {
+    (Phase.AWAIT_RESERVED, Reserved): Phase.RESERVED,
+    (Phase.RUNNING, Exited): Phase.DONE,
+    (Phase.STOPPING, Stopping): Phase.DONE,
+    (Phase.LISTING, DynoList): Phase.DONE,
+    (Phase.LOG_STREAM, LogLines): Phase.LOG_STREAM,
+    (Phase.LOG_STREAM, Dropped): Phase.LOG_STREAM,
+    (Phase.LOG_STREAM, End): Phase.DONE,
+    (Phase.METRICS_STREAM, MetricsText): Phase.METRICS_STREAM,
+    (Phase.METRICS_STREAM, End): Phase.DONE,
+    **{
+        (phase, Refused): Phase.DONE
+        for phase in (
+            Phase.AWAIT_RESERVED, Phase.AWAIT_STARTED, Phase.STOPPING, Phase.LOG_STREAM,
+            Phase.LISTING,
+        )
+    },
+}  # fmt: skip
+
+
+@dataclass
+class Conversation:
+    """One side of one connection: what each side may send next, and with how many
+    descriptors. `send` checks our message (LocalProtocolError), `receive` the peer's
+    (RemoteProtocolError); both move the phase on."""
+
+    role: Role
+    phase: Phase = Phase.IDLE
+    request: Run | Message | None = None
+
+    def send(self, message: Message, fds: int = 0) -> bytes:
+        self._advance(message, fds, self.role, LocalProtocolError)
+        return encode(message)
+
+    def receive(self, data: bytes, fds: int = 0) -> Message:
+        message = decode(data)
+        peer = Role.SERVER if self.role is Role.CLIENT else Role.CLIENT
+        self._advance(message, fds, peer, RemoteProtocolError)
+        return message
+
+    def _advance(
+        self, message: Message, fds: int, sender: Role, error: type[ProtocolError]
+    ) -> None:
+        phase, kind = self.phase, type(message)
+        table = _FROM_CLIENT if sender is Role.CLIENT else _FROM_SERVER
+        wanted_fds = 0
+        if sender is Role.CLIENT and phase is Phase.IDLE and isinstance(message, Run):
+            after = Phase.AWAIT_RESERVED if message.await_attach else Phase.AWAIT_STARTED
+        elif sender is Role.SERVER and phase is Phase.AWAIT_STARTED and kind is Started:
+            assert isinstance(self.request, Run)
+            wanted_fds = self.request.stream_count
+            after = Phase.RUNNING if self.request.attach else Phase.DONE
+        elif (phase, kind) in table:
+            after = table[phase, kind]
+        else:
+            who = "front" if sender is Role.CLIENT else "manager"
+            raise error(f"the {who} may not send {message.kind} while {phase.value}")
+        if fds != wanted_fds:
+            raise error(f"{message.kind} came with {fds} descriptors, not {wanted_fds}")
+        if phase is Phase.IDLE:
+            self.request = message
+        self.phase = after

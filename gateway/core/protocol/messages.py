@@ -1,0 +1,353 @@
+"""The protocol's messages: frozen, and checked when built (a bad value raises
+LocalProtocolError, which `decode` turns into RemoteProtocolError for the peer's)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+# The largest message. A SEQPACKET message must fit the socket's send buffer (212,992
+# bytes by default on Linux, and an unprivileged process cannot raise it past wmem_max).
+MAX_PACKET = 200 * 1024
+# The longest command: what one argument of exec can hold (Linux's MAX_ARG_STRLEN, minus
+# its NUL). Longer scripts go on stdin (`ssh APP@HOST bash < script.sh`).
+MAX_COMMAND = 128 * 1024 - 1
+MAX_NAME = 256  # app, dyno, size, connection ids, terminal types
+MAX_ENV = 64 * 1024  # all of a request's extra environment
+
+# RFC 4254 section 6.10 signal names: the only ones a client may send to a dyno.
+SIGNALS = frozenset(
+    {"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM",
+     "USR1", "USR2"}
+)  # fmt: skip
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class ProtocolError(Exception):
+    """A message or a sequence that is not this protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to send something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+
+# -- checks used by the messages ---------------------------------------------------------
+
+
+def _text(value: object, what: str, limit: int = MAX_NAME, empty: bool = False) -> None:
+    if not isinstance(value, str):
+        raise LocalProtocolError(f"{what} must be a string")
+    if len(value.encode(errors="surrogatepass")) > limit:
+        raise LocalProtocolError(f"{what} is over {limit} bytes")
+    if not empty and not value:
+        raise LocalProtocolError(f"{what} must not be empty")
+    if "\0" in value:
+        raise LocalProtocolError(f"{what} holds a NUL byte")
+
+
+def _optional_text(value: object, what: str) -> None:
+    if value is not None:
+        _text(value, what)
+
+
+def _flag(value: object, what: str) -> None:
+    if not isinstance(value, bool):
+        raise LocalProtocolError(f"{what} must be true or false")
+
+
+def _count(value: object, what: str, limit: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise LocalProtocolError(f"{what} must be a whole number from 0 to {limit}")
+
+
+def _lines(value: object, what: str) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(line, str) for line in value):
+        raise LocalProtocolError(f"{what} must be a list of strings")
+
+
+# -- the messages ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pty:
+    term: str
+    cols: int
+    rows: int
+
+    def __post_init__(self) -> None:
+        _text(self.term, "pty term", empty=True)
+        _count(self.cols, "pty cols", 10000)
+        _count(self.rows, "pty rows", 10000)
+
+
+@dataclass(frozen=True)
+class Message:
+    """Every message: `kind` names it on the wire."""
+
+    kind: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class Run(Message):
+    """Start a one-off dyno of `app` running `command` (None: a shell)."""
+
+    kind: ClassVar[str] = "run"
+    app: str
+    command: str | None
+    connection: str  # the front's id of the client connection, for the manager's log
+    pty: Pty | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    size: str | None = None
+    attach: bool = True
+    # The rendezvous: reserve run.N now, start the process when the client arrives.
+    await_attach: bool = False
+    # One stream for stdout and stderr (the rendezvous carries them merged).
+    merge_output: bool = False
+
+    def __post_init__(self) -> None:
+        _text(self.app, "app")
+        if self.command is not None:
+            if not isinstance(self.command, str):
+                raise LocalProtocolError("command must be a string")
+            size = len(self.command.encode(errors="surrogatepass"))
+            if size > MAX_COMMAND:
+                raise LocalProtocolError(
+                    f"the command is {size} bytes, more than the {MAX_COMMAND} one process "
+                    "argument can hold; send a long script on stdin instead "
+                    "(ssh APP@HOST bash < script.sh)"
+                )
+            if "\0" in self.command:
+                raise LocalProtocolError("the command holds a NUL byte, which no exec can take")
+        _text(self.connection, "connection")
+        if self.pty is not None and not isinstance(self.pty, Pty):
+            raise LocalProtocolError("pty must be a terminal's type and size")
+        if not isinstance(self.env, dict):
+            raise LocalProtocolError("env must map names to values")
+        total = 0
+        for name, value in self.env.items():
+            if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+                raise LocalProtocolError(f"env: {str(name)[:64]!r} is not a variable name")
+            _text(value, f"env {name}", limit=MAX_ENV, empty=True)
+            total += len(name) + len(value)
+        if total > MAX_ENV:
+            raise LocalProtocolError(f"env is over {MAX_ENV} bytes")
+        _optional_text(self.size, "size")
+        for name in ("attach", "await_attach", "merge_output"):
+            _flag(getattr(self, name), name)
+        if self.await_attach and not self.attach:
+            raise LocalProtocolError("await_attach needs attach")
+
+    @property
+    def stream_count(self) -> int:
+        """How many descriptors Started carries for this request."""
+        if not self.attach:
+            return 0
+        if self.pty is not None:
+            return 1
+        return 2 if self.merge_output else 3
+
+
+@dataclass(frozen=True)
+class Stop(Message):
+    """run:stop: SIGTERM, stop_grace, SIGKILL; the answer comes at once."""
+
+    kind: ClassVar[str] = "stop"
+    app: str
+    dyno: str
+
+    def __post_init__(self) -> None:
+        _text(self.app, "app")
+        _text(self.dyno, "dyno")
+
+
+@dataclass(frozen=True)
+class Logs(Message):
+    """The app log's last `lines` (of one dyno, if given); with `tail`, new ones too."""
+
+    kind: ClassVar[str] = "logs"
+    app: str
+    dyno: str | None = None
+    lines: int = 100
+    tail: bool = False
+
+    def __post_init__(self) -> None:
+        _text(self.app, "app")
+        _optional_text(self.dyno, "dyno")
+        _count(self.lines, "lines", 100_000)
+        _flag(self.tail, "tail")
+
+
+@dataclass(frozen=True)
+class Metrics(Message):
+    """The manager's Prometheus text."""
+
+    kind: ClassVar[str] = "metrics"
+
+
+@dataclass(frozen=True)
+class ListDynos(Message):
+    """The app's running dynos (or the one named), from the one source of truth."""
+
+    kind: ClassVar[str] = "list_dynos"
+    app: str
+    dyno: str | None = None
+
+    def __post_init__(self) -> None:
+        _text(self.app, "app")
+        _optional_text(self.dyno, "dyno")
+
+
+@dataclass(frozen=True)
+class Attach(Message):
+    """The rendezvous client arrived: start the reserved dyno."""
+
+    kind: ClassVar[str] = "attach"
+
+
+@dataclass(frozen=True)
+class Signal(Message):
+    """An SSH `signal` request, for the dyno's foreground job."""
+
+    kind: ClassVar[str] = "signal"
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.name not in SIGNALS:
+            raise LocalProtocolError(f"signal {str(self.name)[:16]!r} is not allowed")
+
+
+@dataclass(frozen=True)
+class DynoInfo:
+    """A dyno as clients are told of it (run:list, ps, the Platform API)."""
+
+    name: str
+    size: str
+    state: str
+    since: float  # when it entered its state, seconds since the epoch
+    command: str
+    attached: bool
+    created_at: float
+    release_version: int
+
+    def __post_init__(self) -> None:
+        for name in ("name", "size", "state"):
+            _text(getattr(self, name), f"dyno {name}")
+        _text(self.command, "dyno command", limit=MAX_COMMAND, empty=True)
+        for name in ("since", "created_at"):
+            if isinstance(getattr(self, name), bool) or not isinstance(
+                getattr(self, name), int | float
+            ):
+                raise LocalProtocolError(f"dyno {name} must be a time")
+        _flag(self.attached, "dyno attached")
+        _count(self.release_version, "dyno release_version", 2**31)
+
+
+@dataclass(frozen=True)
+class Reserved(Message):
+    """Run with await_attach: the dyno is named and waits for its client."""
+
+    kind: ClassVar[str] = "reserved"
+    dyno: DynoInfo
+
+
+@dataclass(frozen=True)
+class Started(Message):
+    """The dyno is up; its streams come with this message when attached."""
+
+    kind: ClassVar[str] = "started"
+    dyno: DynoInfo
+
+
+@dataclass(frozen=True)
+class Exited(Message):
+    """How the dyno's command ended: a status, or the signal that killed it."""
+
+    kind: ClassVar[str] = "exited"
+    status: int | None
+    signal: str | None
+
+    def __post_init__(self) -> None:
+        if self.status is not None:
+            _count(self.status, "status", 255)
+        _optional_text(self.signal, "signal")
+
+
+@dataclass(frozen=True)
+class Stopping(Message):
+    kind: ClassVar[str] = "stopping"
+    dyno: str
+
+    def __post_init__(self) -> None:
+        _text(self.dyno, "dyno")
+
+
+@dataclass(frozen=True)
+class LogLines(Message):
+    kind: ClassVar[str] = "log"
+    lines: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _lines(self.lines, "lines")
+
+
+@dataclass(frozen=True)
+class Dropped(Message):
+    """Lines a slow reader missed (its queue was full), counted."""
+
+    kind: ClassVar[str] = "dropped"
+    count: int
+
+    def __post_init__(self) -> None:
+        _count(self.count, "count", 2**62)
+
+
+@dataclass(frozen=True)
+class MetricsText(Message):
+    kind: ClassVar[str] = "metrics_text"
+    lines: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _lines(self.lines, "lines")
+
+
+@dataclass(frozen=True)
+class DynoList(Message):
+    kind: ClassVar[str] = "dyno_list"
+    dynos: tuple[DynoInfo, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dynos, tuple) or not all(
+            isinstance(d, DynoInfo) for d in self.dynos
+        ):
+            raise LocalProtocolError("dynos must be a list of dynos")
+
+
+@dataclass(frozen=True)
+class End(Message):
+    """The end of a stream of LogLines or MetricsText."""
+
+    kind: ClassVar[str] = "end"
+
+
+@dataclass(frozen=True)
+class Refused(Message):
+    """The manager will not carry out the request; `message` is for the user."""
+
+    kind: ClassVar[str] = "refused"
+    message: str
+
+    def __post_init__(self) -> None:
+        _text(self.message, "message", limit=4096)
+
+
+REQUESTS: tuple[type[Message], ...] = (Run, Stop, Logs, Metrics, ListDynos)
+_ALL: tuple[type[Message], ...] = (
+        *REQUESTS, Attach, Signal, Reserved, Started, Exited, Stopping, LogLines, Dropped,
+        MetricsText, DynoList, End, Refused,
+    )  # fmt: skip
+MESSAGES: dict[str, type[Message]] = {cls.kind: cls for cls in _ALL}
