@@ -9,7 +9,6 @@ import logging
 import os
 import secrets
 import shlex
-import shutil
 import socket
 import stat
 import sys
@@ -29,7 +28,7 @@ from gateway.core.commands import format_ps
 from gateway.core.names import InvalidName, check_app_name, check_config_var
 from gateway.keys import HOST_KEY_NAMES, ensure_host_keys, public_key, write_key_pair
 from gateway.manager_client import ManagerUnreachable, request
-from gateway.store import Store, StoreError
+from gateway.store import Store, StoreError, StoreUnavailable, open_store
 from gateway.tls import ensure_rendezvous_cert
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -61,7 +60,7 @@ def json_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _store(config: Config) -> Store:
-    return Store(config.db_path)
+    return open_store(config)
 
 
 def _audit(config: Config, kind: str, **fields: Any) -> None:
@@ -127,12 +126,8 @@ def releases_create(args: argparse.Namespace, config: Config) -> int:
     if not args.slug.is_file():
         raise UserError(f"{args.slug}: no such file")
     release_root = config.releases_dir / app.name
-    slug_root = config.slugs_dir / app.name
     release_root.mkdir(parents=True, exist_ok=True)
-    slug_root.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_hex(4)
-    incoming = release_root / f".incoming-{token}"
-    incoming_slug = slug_root / f".incoming-{token}.tgz"
+    incoming = release_root / f".incoming-{secrets.token_hex(4)}"
     try:
         unpacked = unpack(
             args.slug, incoming, config.slugs.max_unpacked_bytes, progress=_progress(args.slug)
@@ -140,12 +135,12 @@ def releases_create(args: argparse.Namespace, config: Config) -> int:
     except SlugRefused as exc:
         raise UserError(f"slug refused: {exc}") from None
     try:
-        shutil.copyfile(args.slug, incoming_slug)
 
         def place(version: int) -> None:
             incoming.rename(release_root / f"v{version}")
-            incoming_slug.rename(slug_root / f"v{version}.tgz")
 
+        # The store keeps the archive itself (its digest checked against the one just
+        # unpacked): in the database, or under state_dir/slugs with SQLite.
         release = store.add_release(
             app.name,
             unpacked.sha256,
@@ -153,13 +148,13 @@ def releases_create(args: argparse.Namespace, config: Config) -> int:
             unpacked.unpacked_bytes,
             unpacked.procfile,
             place=place,
+            slug=args.slug,
         )
     finally:
         from gateway.slugs import remove_tree
 
         if incoming.exists():
             remove_tree(incoming)
-        incoming_slug.unlink(missing_ok=True)
     _audit(config, "release_created", app=app.name, version=release.version, sha256=unpacked.sha256)
     if args.json:
         _print_json(_release_json(release))
@@ -528,17 +523,7 @@ def check(args: argparse.Namespace, config: Config) -> int:
             results.append((False, f"host key {path}: readable by others (chmod 600)"))
         else:
             results.append((True, f"host key {path}: {public_key(path).fingerprint}"))
-    try:
-        store = Store(config.db_path)
-        results.append(
-            (
-                True,
-                f"state: {config.db_path} (schema v{store.schema_version}, "
-                f"{len(store.list_apps())} apps)",
-            )
-        )
-    except Exception as exc:
-        results.append((False, f"state: {config.db_path}: {exc}"))
+    results.append(_check_state(config))
     logging.disable(logging.WARNING)
     try:
         results.append((True, choose_sandbox(config).describe()))
@@ -557,6 +542,45 @@ def check(args: argparse.Namespace, config: Config) -> int:
     for ok, line in results:
         print(f"{'ok  ' if ok else 'FAIL'} {line}")
     return 0 if all(ok for ok, _ in results) else 1
+
+
+def _check_state(config: Config) -> tuple[bool, str]:
+    """The state database: reachable, and at which schema version (check changes nothing:
+    the gateway migrates at start, or `gateway db:migrate` does)."""
+    where = config.database_url or str(config.db_path)
+    try:
+        store = open_store(config, migrate=False)
+        try:
+            version, latest = store.schema_version, store.latest_version
+            if version > latest:
+                return False, (
+                    f"state: {store.describe()}: schema v{version} is newer than this "
+                    f"gateway's v{latest}; upgrade the gateway"
+                )
+            if version < latest:
+                return True, (
+                    f"state: {store.describe()} (schema v{version}, migrates to v{latest} "
+                    "at start or with `gateway db:migrate`)"
+                )
+            apps = len(store.list_apps())
+            return True, f"state: {store.describe()} (schema v{version}, {apps} apps)"
+        finally:
+            store.close()
+    except Exception as exc:
+        return False, f"state: {where}: {exc}"
+
+
+@command("db:migrate", "create or upgrade the state database's schema; prints its version")
+def db_migrate(args: argparse.Namespace, config: Config) -> int:
+    store = open_store(config, migrate=False)
+    try:
+        before = store.schema_version
+        after = store.migrate()
+    finally:
+        store.close()
+    change = f"migrated from v{before}" if after != before else "up to date"
+    print(f"{store.describe()}: schema v{after} ({change})")
+    return 0
 
 
 def _port_free(key: str, listen: str) -> tuple[bool, str]:
@@ -683,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "port_base", None) is not None:
             config = config_module.with_port_base(config, args.port_base)
         return args.handler(args, config)
-    except (UserError, ConfigError, StoreError, InvalidName) as exc:
+    except (UserError, ConfigError, StoreError, StoreUnavailable, InvalidName) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
