@@ -24,7 +24,7 @@ from gateway.core import platform_api as api
 from gateway.core.messages import Pty
 from gateway.front.link import ManagerLink, ManagerUnavailable
 from gateway.front.rendezvous import PendingAttach, Rendezvous
-from gateway.store import Store
+from gateway.store import UNAVAILABLE_MESSAGE, Store, StoreUnavailable
 
 log = logging.getLogger("gateway.front")
 
@@ -142,6 +142,9 @@ class PlatformAPI:
             status, answer = 400, {"id": "bad_request", "message": "The body is not JSON."}
         except ManagerUnavailable:
             status, answer = 503, {"id": "unavailable", "message": "The dyno manager is down."}
+        except StoreUnavailable as exc:
+            log.error("api %s %s failed: %s", method, path.split("?")[0], exc)
+            status, answer = 503, {"id": "unavailable", "message": UNAVAILABLE_MESSAGE}
         log.info("api %s %s status=%d", method, path.split("?")[0], status)
         await _send_json(conn, writer, status, answer)
         return False

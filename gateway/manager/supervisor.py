@@ -40,8 +40,8 @@ from gateway.manager.dyno_init import InitPipes
 from gateway.manager.orphans import end_group, start_time
 from gateway.manager.sandbox import DynoSpec, Sandbox, Workspace
 from gateway.manager.spawn import spawn
+from gateway.store import UNAVAILABLE_MESSAGE, DynoLimitReached, Store, StoreUnavailable
 from gateway.store import Dyno as DynoRecord
-from gateway.store import Store
 
 log = logging.getLogger("gateway.manager")
 
@@ -87,7 +87,10 @@ class Manager:
     def recover(self) -> None:
         """Close the records of dynos a previous manager left running (it died with them:
         every dyno dies with its supervisor) and remove their directories."""
-        for dyno in self.store.list_dynos(running=True):
+        # With a shared database, only this node's: the others' dynos are theirs to close.
+        # A SQLite database is this host's alone, whatever its name was before.
+        node = self.store.node if self.store.shared else None
+        for dyno in self.store.list_dynos(running=True, node=node):
             if dyno.pid is not None and end_group(dyno.pid, dyno.pid_started):
                 log.warning("ended orphaned processes app=%s dyno=%s", dyno.app, dyno.name)
             self._crashed(dyno.app, dyno.name, dyno.size, dyno.state)
@@ -134,16 +137,16 @@ class Manager:
                 log.info("request refused %s reason=%s", _describe(message), exc)
                 with contextlib.suppress(OSError):
                     await _send(sock, encode("error", message=str(exc)))
+            except StoreUnavailable as exc:
+                log.error("request failed %s error=%s", _describe(message), exc)
+                with contextlib.suppress(OSError):
+                    await _send(sock, encode("error", message=UNAVAILABLE_MESSAGE))
 
     # -- run ---------------------------------------------------------------------------
 
-    def _check_limits(self, app: str) -> None:
-        per_app = sum(1 for key in self.running if key[0] == app)
-        if per_app >= self.config.dynos.max_per_app:
-            raise Refused(
-                f"{app} already runs {per_app} one-off dynos, the most allowed "
-                "(dynos.max_per_app); stop one with run:stop"
-            )
+    def _check_host_limit(self) -> None:
+        """max_per_host: this node's own count (max_per_app is the store's, over all
+        nodes, in create_dyno)."""
         if len(self.running) >= self.config.dynos.max_per_host:
             raise Refused(
                 f"this host already runs {len(self.running)} dynos, the most allowed "
@@ -165,11 +168,22 @@ class Manager:
                 f"app {app.name} has no release yet: "
                 f"create one with `gateway releases:create {app.name} SLUG.tgz`"
             )
-        self._check_limits(app.name)
+        self._check_host_limit()
         command = resolve_command(request.command, release.procfile) if request.command else None
-        record = self.store.create_dyno(
-            app.name, command or self.sandbox.shell, size, release.version, request.attach
-        )
+        try:
+            record = self.store.create_dyno(
+                app.name,
+                command or self.sandbox.shell,
+                size,
+                release.version,
+                request.attach,
+                max_running=self.config.dynos.max_per_app,
+            )
+        except DynoLimitReached as exc:
+            raise Refused(
+                f"{app.name} already runs {exc.running} one-off dynos, the most allowed "
+                "(dynos.max_per_app); stop one with run:stop"
+            ) from None
         key = (app.name, record.name)
         self.running[key] = None  # counted against the limits from now on
         self._none_running = trio.Event()
@@ -274,7 +288,11 @@ class Manager:
         self, app: str, name: str, size: str, state: State, exit: Exit, result: str
     ) -> None:
         """Every dyno's end goes through here: the record, the metrics, the audit trail."""
-        self.store.end_dyno(app, name, state, exit.status, exit.signal)
+        try:
+            self.store.end_dyno(app, name, state, exit.status, exit.signal)
+        except StoreUnavailable as exc:
+            # Closed as crashed when this node's manager next starts (recover).
+            log.error("dyno record left open app=%s dyno=%s error=%s", app, name, exc)
         metrics.DYNO_ENDS.labels(app, size, result).inc()
         self.audit.event(
             "dyno_end", app=app, dyno=name, size=size, result=result,
