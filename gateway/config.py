@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, get_type_hints
+from urllib.parse import parse_qs, urlsplit
 
 from gateway.core.admission import NetblockSize, parse_networks, startup_slots
 
@@ -179,6 +180,9 @@ class ShutdownSettings:
 class Config:
     state_dir: Path = Path("state")
     keys_dir: Path = Path("keys")
+    # postgresql://USER@HOST:PORT/DB: the state in PostgreSQL, shared by every node;
+    # "" keeps it in SQLite in state_dir. Never a password (see check_database_url).
+    database_url: str = ""
     ssh: SSHSettings = field(default_factory=SSHSettings)
     dynos: DynoSettings = field(default_factory=DynoSettings)
     slugs: SlugSettings = field(default_factory=SlugSettings)
@@ -296,6 +300,8 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
             raise ConfigError(f"{source}: {key!r}: {exc}") from None
     if not 0 <= config.ssh.public_port <= 65535:
         raise ConfigError(f"{source}: 'ssh.public_port' must be a port number (0: the listen port)")
+    if config.database_url:
+        check_database_url(config.database_url, source)
     base = base or default_home()[0]
     for key, check in (
         ("max_startups", startup_slots),
@@ -356,6 +362,29 @@ def with_port_base(config: Config, base: int) -> Config:
             shown = f"[{host}]" if ":" in host else host
             changes[table] = replace(settings, listen=f"{shown}:{base + offset}")
     return replace(config, **changes)
+
+
+def check_database_url(url: str, source: str) -> None:
+    """ConfigError unless `url` is a PostgreSQL URL without a password in it (the config
+    file is not where secrets go; libpq reads them from its own places)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+        query = parse_qs(parts.query)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: 'database_url' is not a URL: {exc}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"{source}: 'database_url' must look like postgresql://USER@HOST:PORT/DB "
+            f"(scheme {parts.scheme or '(none)'!r} is not PostgreSQL's)"
+        )
+    if password is not None or "password" in query:
+        # The message never repeats the URL: it holds the password.
+        raise ConfigError(
+            f"{source}: 'database_url' must not hold a password: give it in the "
+            "PGPASSWORD environment variable, in ~/.pgpass, or in a passfile named by "
+            "?passfile=PATH in the URL"
+        )
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

@@ -394,28 +394,21 @@ def import_release(
     app: str,
     slug: Path,
     releases_dir: Path,
-    slugs_dir: Path,
     max_unpacked_bytes: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Release, UnpackedSlug]:
     """Check and unpack `slug` and record it as the app's next release vN, in one step:
-    the tree and a copy of the slug are renamed into `releases_dir/APP/vN` and
-    `slugs_dir/APP/vN.tgz` inside the transaction that allocates vN, so a failure at any
-    point records nothing and leaves nothing. SlugRefused says why a slug is refused."""
+    the tree is renamed into `releases_dir/APP/vN` inside the transaction that allocates
+    vN (which also stores the slug), so a failure at any point records nothing and leaves
+    nothing. SlugRefused says why a slug is refused."""
     release_root = releases_dir / app
-    slug_root = slugs_dir / app
     release_root.mkdir(parents=True, exist_ok=True)
-    slug_root.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_hex(4)
-    incoming = release_root / f".incoming-{token}"
-    incoming_slug = slug_root / f".incoming-{token}.tgz"
+    incoming = release_root / f".incoming-{secrets.token_hex(4)}"
     unpacked = unpack(slug, incoming, max_unpacked_bytes, progress=progress)
     try:
-        shutil.copyfile(slug, incoming_slug)
 
         def place(version: int) -> None:
             incoming.rename(release_root / f"v{version}")
-            incoming_slug.rename(slug_root / f"v{version}.tgz")
 
         release = store.add_release(
             app,
@@ -424,9 +417,11 @@ def import_release(
             unpacked.unpacked_bytes,
             unpacked.procfile,
             place=place,
+            # The store keeps the archive itself (its digest checked against the one
+            # just unpacked): in the database, or under state_dir/slugs with SQLite.
+            slug=slug,
         )
     finally:
         if incoming.exists():
             remove_tree(incoming)
-        incoming_slug.unlink(missing_ok=True)
     return release, unpacked

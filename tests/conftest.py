@@ -20,6 +20,8 @@ from typing import Any
 import asyncssh
 import pytest
 
+from tests.postgres import PostgresServer
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_APP = REPO / "contrib" / "sample-app"
 _names = itertools.count(1)
@@ -54,6 +56,7 @@ class Gateway:
     api_port: int = field(default_factory=lambda: free_port())
     metrics_port: int = field(default_factory=lambda: free_port())
     extra_config: str = ""  # appended to the [dynos] table
+    top_config: str = ""  # top-level keys, such as database_url = "..."
     ssh_config: str = ""  # appended to the [ssh] table
     rendezvous_config: str = ""  # appended to the [rendezvous] table
     process: subprocess.Popen[bytes] | None = None
@@ -71,7 +74,7 @@ class Gateway:
 
     def write_config(self) -> None:
         self.config_path.write_text(
-            'state_dir = "state"\nkeys_dir = "keys"\n'
+            f'state_dir = "state"\nkeys_dir = "keys"\n{self.top_config}'
             f'[ssh]\nlisten = "127.0.0.1:{self.port}"\n{self.ssh_config}'
             f'[rendezvous]\nlisten = "127.0.0.1:{self.rendezvous_port}"\n{self.rendezvous_config}'
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\n'
@@ -220,6 +223,22 @@ def own_gateway(tmp_path: Path) -> Iterator[Gateway]:
     gw = _gateway(tmp_path / "gw")
     yield gw
     gw.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session; each test makes its own database in it."""
+    server = PostgresServer.create()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, for tests that stop and restart it."""
+    server = PostgresServer.create()
+    yield server
+    server.destroy()
 
 
 def pids_with(marker: str, client: subprocess.Popen[bytes] | None = None) -> list[int]:

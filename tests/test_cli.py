@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.store.schema import LATEST
 from tests.conftest import Gateway, _gateway, free_port, make_slug
 
 
@@ -342,3 +343,16 @@ def test_demo_port_base_moves_its_ports_and_prints_lines_that_work_anywhere(
     finally:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(30) == 0, "\n".join(lines)
+
+
+def test_db_migrate_and_check_report_the_schema_version(gw: Gateway) -> None:
+    db = gw.state_dir / "gateway.db"
+    fresh = gw.cli("check")
+    assert (
+        f"ok   state: SQLite {db} (schema v0, migrates to v{LATEST} at start or with "
+        "`gateway db:migrate`)"
+    ) in fresh.stdout.splitlines()
+    assert gw.cli("db:migrate").stdout == f"SQLite {db}: schema v{LATEST} (migrated from v0)\n"
+    assert gw.cli("db:migrate").stdout == f"SQLite {db}: schema v{LATEST} (up to date)\n"
+    gw.cli("apps:create", "shop")
+    assert f"ok   state: SQLite {db} (schema v{LATEST}, 1 apps)" in gw.cli("check").stdout

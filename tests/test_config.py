@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -109,3 +110,40 @@ def test_bad_settings_name_the_key_and_file(tmp_path: Path, text: str, message: 
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load(tmp_path / "nope.toml")
+
+
+def test_database_url_names_postgresql() -> None:
+    assert parse({}).database_url == ""  # SQLite in state_dir
+    url = "postgresql://gateway@db.internal:5432/gateway?sslmode=verify-full"
+    assert parse({"database_url": url}).database_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://gateway:hunter2@db:5432/gateway",
+        "postgres://:hunter2@db/gateway",
+        "postgresql://gateway@db/gateway?sslmode=require&password=hunter2",
+    ],
+)
+def test_a_database_url_with_a_password_is_refused(tmp_path: Path, url: str) -> None:
+    path = write(tmp_path, f'database_url = "{url}"\n')
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: 'database_url' must not hold a password")
+    assert "PGPASSWORD" in message and "~/.pgpass" in message and "passfile" in message
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://gateway@db/gateway", "scheme 'mysql' is not PostgreSQL's"),
+        ("/var/lib/gateway.db", "scheme '(none)' is not PostgreSQL's"),
+        ("postgresql://gateway@[db/gateway", "'database_url' is not a URL"),
+    ],
+)
+def test_a_database_url_that_is_not_postgresql_is_refused(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse({"database_url": url}, source="gw.toml")

@@ -25,7 +25,7 @@ from gateway.front.gate import Pending
 from gateway.front.observe import Observer
 from gateway.front.ssh import GatewayServer, PreAuthLimits
 from gateway.front.ssh_session import SessionServices
-from gateway.store import Store
+from gateway.store import SQLiteStore
 from tests.conftest import Gateway, _client_key, wait_until
 
 
@@ -341,7 +341,8 @@ def _front(
     the connections settled with that gate, in order."""
     clock = _Clock()
     limits = PreAuthLimits(SSHSettings(**settings), clock=clock)
-    store = Store(tmp_path / "state.db")
+    store = SQLiteStore(tmp_path / "state.db")
+    store.migrate()
     for app, fingerprint in keys or set():
         if store.get_app(app) is None:
             store.create_app(app)

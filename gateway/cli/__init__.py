@@ -15,7 +15,7 @@ from gateway.cli import admin, dynos, serving  # noqa: F401 (they register comma
 from gateway.cli.registry import COMMANDS, Handler, UserError
 from gateway.config import ConfigError
 from gateway.core.names import InvalidName
-from gateway.store import StoreError
+from gateway.store import StoreError, StoreUnavailable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = config_module.with_port_base(config, args.port_base)
         handler: Handler = args.handler
         return handler(args, config)
-    except (UserError, ConfigError, StoreError, InvalidName) as exc:
+    except (UserError, ConfigError, StoreError, StoreUnavailable, InvalidName) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -75,8 +75,8 @@ def releases_create(args: argparse.Namespace, config: Config) -> int:
         raise UserError(f"{args.slug}: no such file")
     try:
         release, unpacked = import_release(
-            store, app.name, args.slug, config.releases_dir, config.slugs_dir,
-            config.slugs.max_unpacked_bytes, progress=_progress(args.slug),
+            store, app.name, args.slug, config.releases_dir, config.slugs.max_unpacked_bytes,
+            progress=_progress(args.slug),
         )  # fmt: skip
     except SlugRefused as exc:
         raise UserError(f"slug refused: {exc}") from None

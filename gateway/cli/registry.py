@@ -15,7 +15,7 @@ from gateway.config import Config
 from gateway.core.protocol import Message
 from gateway.ipc import ManagerError
 from gateway.manager_client import request
-from gateway.store import Store
+from gateway.store import Store, open_store
 
 Handler = Callable[[argparse.Namespace, Config], int]
 COMMANDS: dict[str, tuple[Handler, str, Callable[[argparse.ArgumentParser], None]]] = {}
@@ -50,7 +50,7 @@ def json_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _store(config: Config) -> Store:
-    return Store(config.db_path)
+    return open_store(config)
 
 
 def _audit(config: Config, kind: str, **fields: Any) -> None:

@@ -22,7 +22,7 @@ from gateway.cli.registry import (
 )
 from gateway.config import Config, split_listen
 from gateway.keys import HOST_KEY_NAMES, ensure_host_keys, public_key, write_key_pair
-from gateway.store import Store
+from gateway.store import open_store
 from gateway.tls import ensure_rendezvous_cert
 
 # -- serving ---------------------------------------------------------------------------
@@ -141,17 +141,7 @@ def check(args: argparse.Namespace, config: Config) -> int:
             results.append((False, f"host key {path}: readable by others (chmod 600)"))
         else:
             results.append((True, f"host key {path}: {public_key(path).fingerprint}"))
-    try:
-        store = Store(config.db_path)
-        results.append(
-            (
-                True,
-                f"state: {config.db_path} (schema v{store.schema_version}, "
-                f"{len(store.list_apps())} apps)",
-            )
-        )
-    except Exception as exc:
-        results.append((False, f"state: {config.db_path}: {exc}"))
+    results.append(_check_state(config))
     logging.disable(logging.WARNING)
     try:
         results.append((True, trio.run(choose_sandbox, config).describe()))
@@ -170,6 +160,45 @@ def check(args: argparse.Namespace, config: Config) -> int:
     for ok, line in results:
         print(f"{'ok  ' if ok else 'FAIL'} {line}")
     return 0 if all(ok for ok, _ in results) else 1
+
+
+def _check_state(config: Config) -> tuple[bool, str]:
+    """The state database: reachable, and at which schema version (check changes nothing:
+    the gateway migrates at start, or `gateway db:migrate` does)."""
+    where = config.database_url or str(config.db_path)
+    try:
+        store = open_store(config, migrate=False)
+        try:
+            version, latest = store.schema_version, store.latest_version
+            if version > latest:
+                return False, (
+                    f"state: {store.describe()}: schema v{version} is newer than this "
+                    f"gateway's v{latest}; upgrade the gateway"
+                )
+            if version < latest:
+                return True, (
+                    f"state: {store.describe()} (schema v{version}, migrates to v{latest} "
+                    "at start or with `gateway db:migrate`)"
+                )
+            apps = len(store.list_apps())
+            return True, f"state: {store.describe()} (schema v{version}, {apps} apps)"
+        finally:
+            store.close()
+    except Exception as exc:
+        return False, f"state: {where}: {exc}"
+
+
+@command("db:migrate", "create or upgrade the state database's schema; prints its version")
+def db_migrate(args: argparse.Namespace, config: Config) -> int:
+    store = open_store(config, migrate=False)
+    try:
+        before = store.schema_version
+        after = store.migrate()
+    finally:
+        store.close()
+    change = f"migrated from v{before}" if after != before else "up to date"
+    print(f"{store.describe()}: schema v{after} ({change})")
+    return 0
 
 
 def _port_free(key: str, listen: str) -> tuple[bool, str]:

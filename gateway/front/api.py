@@ -26,7 +26,7 @@ from gateway.core.commands import iso_time
 from gateway.front.link import ManagerLink
 from gateway.front.rendezvous import PendingAttach, Rendezvous
 from gateway.ipc import ManagerError, ManagerRefused, ManagerUnavailable
-from gateway.store import Store
+from gateway.store import UNAVAILABLE_MESSAGE, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,9 @@ class PlatformAPI:
             status, answer = 503, {"id": "unavailable", "message": "The dyno manager is down."}
         except ManagerError:
             status, answer = 503, {"id": "unavailable", "message": "The dyno manager went away."}
+        except StoreUnavailable as exc:
+            log.error("api %s %s failed: %s", method, path.split("?")[0], exc)
+            status, answer = 503, {"id": "unavailable", "message": UNAVAILABLE_MESSAGE}
         log.info("api %s %s status=%d", method, path.split("?")[0], status)
         await _send_json(conn, writer, status, answer)
         return False

@@ -25,7 +25,7 @@ from gateway.front.rendezvous import Rendezvous, RendezvousProtocol
 from gateway.front.ssh import ALGORITHMS, GatewayServer, PreAuthLimits, load_host_keys, start_ssh
 from gateway.front.ssh_session import SessionServices
 from gateway.keys import HOST_KEY_NAMES
-from gateway.store import Store
+from gateway.store import Store, open_store
 from gateway.tls import SERVER_CERT, SERVER_KEY
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ async def serve(
 ) -> None:
     """Listen for SSH until SIGTERM, or until the manager's end of `lifeline_fd`
     closes (the manager is gone); tell `ready_fd` once listening."""
-    store = Store(config.db_path)
+    store = open_store(config)
     host, port = config.ssh.host_port
     sessions = AttachedSessions()
     observer = Observer(config.audit_path)

@@ -27,7 +27,7 @@ from gateway.front.channel import adopt
 from gateway.front.gate import Pending, Start, connection_id, feed
 from gateway.front.observe import Observer
 from gateway.front.ssh_session import SessionServices, SSHSession
-from gateway.store import Store
+from gateway.store import UNAVAILABLE_MESSAGE, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,19 @@ class GatewayServer(asyncssh.SSHServer):
         if penalty:
             self._failed(username, fingerprint, "key refused", f" penalty={penalty:.0f}s")
             return False
-        if self.store.has_key(username, fingerprint):
+        try:
+            allowed = self.store.has_key(username, fingerprint)
+        except StoreUnavailable as exc:
+            # Not the client's fault: no failure counted, and it is told why (OpenSSH
+            # prints the disconnect message).
+            log.error(
+                "key check failed conn=%s app=%s source=%s error=%s",
+                self.id, shown(username), self.source, exc,
+            )  # fmt: skip
+            if self._conn is not None:
+                self._conn.disconnect(asyncssh.DISC_SERVICE_NOT_AVAILABLE, UNAVAILABLE_MESSAGE)
+            return False
+        if allowed:
             # asyncssh asks once for a key query and once more for its signature, which
             # it checks after us: a third ask means a signature failed.
             looks = self._looks[seen] = self._looks.get(seen, 0) + 1

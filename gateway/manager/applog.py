@@ -6,6 +6,7 @@ counted as dropped, and the reader is told how many.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -14,7 +15,9 @@ from contextlib import contextmanager
 import trio
 
 from gateway.core.applog import LogLine
-from gateway.store import Store
+from gateway.store import Store, StoreUnavailable
+
+log = logging.getLogger("gateway.manager")
 
 FEED_CAPACITY = 1000
 
@@ -55,7 +58,14 @@ class AppLog:
         self._append(app, [LogLine(time.time(), "app", dyno, m) for m in lines])
 
     def _append(self, app: str, lines: list[LogLine]) -> None:
-        self.store.append_log(app, lines, self.keep)
+        try:
+            self.store.append_log(app, lines, self.keep)
+        except StoreUnavailable as exc:
+            # A dyno never stops for its log: the lines still reach live readers.
+            log.warning(
+                "app log lines lost app=%s dyno=%s lines=%d error=%s",
+                app, lines[0].dyno, len(lines), exc,
+            )  # fmt: skip
         for feed in self._feeds.get(app, ()):
             for line in lines:
                 feed.offer(line)

@@ -4,12 +4,16 @@ counted; nothing else writes a dyno's state."""
 
 from __future__ import annotations
 
+import logging
+
 from gateway.audit import AuditLog
 from gateway.core import applog
 from gateway.core.dyno import Exit, State, transition
 from gateway.manager import metrics
 from gateway.manager.applog import AppLog
-from gateway.store import Store
+from gateway.store import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class DynoLife:
@@ -52,7 +56,11 @@ class DynoLife:
 
     def _close(self, old: State, exit: Exit, result: str) -> None:
         self.applog.heroku(self.app, self.name, applog.state_changed(old, self.state))
-        self.store.end_dyno(self.app, self.name, self.state, exit.status, exit.signal)
+        try:
+            self.store.end_dyno(self.app, self.name, self.state, exit.status, exit.signal)
+        except StoreUnavailable as exc:
+            # Closed as crashed when this node's manager next starts (recover).
+            log.error("dyno record left open app=%s dyno=%s error=%s", self.app, self.name, exc)
         metrics.DYNO_ENDS.labels(self.app, self.size, result).inc()
         self.audit.event(
             "dyno_end", app=self.app, dyno=self.name, size=self.size, result=result,

@@ -22,7 +22,7 @@ from gateway.manager.bwrap import BwrapSandbox, BwrapUnavailable
 from gateway.manager.dyno_init import InitBinary, InitUnavailable
 from gateway.manager.sandbox import ProcessSandbox, Sandbox
 from gateway.manager.server import Manager
-from gateway.store import Store
+from gateway.store import StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 # What the front writes on its ready pipe once it listens (gateway/front/main.py READY).
@@ -57,7 +57,7 @@ async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], No
     # Signals are ours from the start, so that Ctrl-C never surfaces as a
     # KeyboardInterrupt in the middle of a task.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        store = Store(config.db_path)
+        store = open_store(config)
         sandbox = await choose_sandbox(config)
         manager = Manager(config, store, sandbox)
         front = Front(front_argv)
@@ -225,7 +225,7 @@ def run(
         for exc in _leaves(group):
             hint = how_to_move(exc.table) if isinstance(exc, ListenerUnavailable) else ""
             failures.append(f"{exc}; {hint}" if hint else str(exc))
-    except* (FrontDied, SandboxUnavailable) as group:
+    except* (FrontDied, SandboxUnavailable, StoreUnavailable) as group:
         failures.extend(str(exc) for exc in _leaves(group))
     for line in failures:
         print(f"gateway: {line}", file=sys.stderr)

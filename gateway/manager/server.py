@@ -45,7 +45,7 @@ from gateway.manager.orphans import end_group
 from gateway.manager.sandbox import Sandbox
 from gateway.manager.supervisor import Refused as RefusedRequest
 from gateway.manager.supervisor import Supervisor
-from gateway.store import Store
+from gateway.store import UNAVAILABLE_MESSAGE, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,10 @@ class Manager:
     def recover(self) -> None:
         """Close the records of dynos a previous manager left running (it died with them:
         every dyno dies with its supervisor) and remove their directories."""
-        for dyno in self.store.list_dynos(running=True):
+        # With a shared database, only this node's: the others' dynos are theirs to close.
+        # A SQLite database is this host's alone, whatever its name was before.
+        node = self.store.node if self.store.shared else None
+        for dyno in self.store.list_dynos(running=True, node=node):
             if dyno.pid is not None and end_group(dyno.pid, dyno.pid_started):
                 log.warning("ended orphaned processes app=%s dyno=%s", dyno.app, dyno.name)
             life = DynoLife(
@@ -135,6 +138,10 @@ class Manager:
             log.info("request refused %s reason=%s", _describe(request), exc)
             with contextlib.suppress(OSError, LocalProtocolError):
                 await conn.send(Refused(str(exc)))
+        except StoreUnavailable as exc:
+            log.error("request failed %s error=%s", _describe(request), exc)
+            with contextlib.suppress(OSError, LocalProtocolError):
+                await conn.send(Refused(UNAVAILABLE_MESSAGE))
 
     async def stop(self, conn: FrontConnection, request: Stop) -> None:
         """run:stop: the dyno's own task stops it (SIGTERM, grace, SIGKILL); the answer

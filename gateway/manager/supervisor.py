@@ -38,7 +38,7 @@ from gateway.manager.lifecycle import DynoLife
 from gateway.manager.orphans import start_time
 from gateway.manager.sandbox import DynoSpec, Sandbox, Workspace
 from gateway.manager.spawn import spawn
-from gateway.store import DynoRecord, Store
+from gateway.store import DynoLimitReached, DynoRecord, Store
 
 _logger = logging.getLogger(__name__)
 
@@ -85,11 +85,22 @@ class Supervisor:
                 f"app {app.name} has no release yet: "
                 f"create one with `gateway releases:create {app.name} SLUG.tgz`"
             )
-        self._check_limits(app.name)
+        self._check_host_limit()
         command = resolve_command(request.command, release.procfile) if request.command else None
-        record = self.store.create_dyno(
-            app.name, command or self.sandbox.shell, size, release.version, request.attach
-        )
+        try:
+            record = self.store.create_dyno(
+                app.name,
+                command or self.sandbox.shell,
+                size,
+                release.version,
+                request.attach,
+                max_running=self.config.dynos.max_per_app,
+            )
+        except DynoLimitReached as exc:
+            raise Refused(
+                f"{app.name} already runs {exc.running} one-off dynos, the most allowed "
+                "(dynos.max_per_app); stop one with run:stop"
+            ) from None
         log = event_log(__name__, app=app.name, dyno=record.name, conn=request.connection)
         life = DynoLife(self.store, self.applog, self.audit, app.name, record.name, size)
         key = (app.name, record.name)
@@ -104,13 +115,9 @@ class Supervisor:
             if not self.running:
                 self._none_running.set()
 
-    def _check_limits(self, app: str) -> None:
-        per_app = sum(1 for key in self.running if key[0] == app)
-        if per_app >= self.config.dynos.max_per_app:
-            raise Refused(
-                f"{app} already runs {per_app} one-off dynos, the most allowed "
-                "(dynos.max_per_app); stop one with run:stop"
-            )
+    def _check_host_limit(self) -> None:
+        """max_per_host: this node's own count (max_per_app is the store's, over all
+        nodes, in create_dyno)."""
         if len(self.running) >= self.config.dynos.max_per_host:
             raise Refused(
                 f"this host already runs {len(self.running)} dynos, the most allowed "
