@@ -62,7 +62,7 @@ from gateway.manager.bwrap_args import (
     overlay_safe,
     wrapper_argv,
 )
-from gateway.manager.dyno_init import InitBinary, InitPipes
+from gateway.manager.dyno_init import InitBinary, InitControl
 from gateway.manager.holder import Holder, HolderError
 from gateway.manager.limits import (
     R15,
@@ -77,9 +77,12 @@ from gateway.manager.sandbox import (
     OWN_NETWORK_PORT,
     Command,
     DynoSpec,
+    Launched,
+    SandboxError,
     Workspace,
     free_port,
     remove_dyno_dirs,
+    start_command,
 )
 from gateway.manager.views import ReleaseViews, copy_release
 from gateway.slugs import remove_tree
@@ -132,6 +135,7 @@ class BwrapSandbox:
         self.stack = look_at_stack(config.dynos.stack)
         self.hidden = hidden_args(self.stack, self._gateway_paths())
         self.init = init
+        self._nursery: trio.Nursery | None = None
         self._dynos: dict[Path, _DynoResources] = {}
 
     # Choosing
@@ -230,7 +234,7 @@ class BwrapSandbox:
         )
         try:
             workspace = await self.prepare(spec)
-            init = InitPipes.open()
+            init = InitControl.open()
             try:
                 command = self.command(spec, workspace, init)
                 with trio.fail_after(PROBE_TIMEOUT):
@@ -242,12 +246,12 @@ class BwrapSandbox:
                         capture_stdout=True,
                         capture_stderr=True,
                         check=False,
-                        pass_fds=command.pass_fds,
+                        pass_fds=(*command.pass_fds, *init.child_fds),
                     )
             finally:
                 init.close()
                 with trio.CancelScope(shield=True):
-                    await self.remove(workspace)
+                    await self.remove_workspace(workspace)
         finally:
             self.views = views
             if probe_dir.exists():
@@ -290,7 +294,8 @@ class BwrapSandbox:
             if self.plan.cgroups is not None:
                 dyno.cgroup = self.plan.cgroups.create(root.name, limits_for(size))
                 dyno.cgroup.arm_oom()
-                trio.lowlevel.spawn_system_task(_end_on_oom, dyno.cgroup, root.name)
+                if self._nursery is not None:  # none for the trial dyno
+                    self._nursery.start_soon(_end_on_oom, dyno.cgroup, root.name)
             if self.plan.root:
                 await self._start_holder(spec, workspace, dyno)
             else:
@@ -299,11 +304,30 @@ class BwrapSandbox:
                 )
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self.remove(workspace)
+                await self.remove_workspace(workspace)
             raise
         return workspace
 
-    def command(self, spec: DynoSpec, workspace: Workspace, init: InitPipes) -> Command:
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the dynos' memory watches for as long as the manager serves."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def start(self, spec: DynoSpec, stdio: list[int]) -> Launched:
+        try:
+            workspace = await self.prepare(spec)
+        except (OSError, HolderError, NetworkError, ValueError, trio.TooSlowError) as exc:
+            raise SandboxError(str(exc)) from None
+        try:
+            return start_command(lambda init: self.command(spec, workspace, init), stdio, workspace)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.remove_workspace(workspace)
+            raise
+
+    def command(self, spec: DynoSpec, workspace: Workspace, init: InitControl) -> Command:
         dyno = self._dynos[workspace.root]
         if self.plan.root:
             assert dyno.holder is not None
@@ -351,15 +375,19 @@ class BwrapSandbox:
         if dyno.cgroup is None:
             env["GW_DATA_KB"] = str(self.config.sizes[spec.size].memory * 1024)
         cwd = Path("/") if self.plan.root else workspace.root
-        return Command(argv, env, cwd, (*init.child_fds, self.init.fd))
+        return Command(argv, env, cwd, (self.init.fd,))
 
-    def end_reason(self, workspace: Workspace) -> list[str]:
-        dyno = self._dynos.get(workspace.root)
+    def end_reason(self, launched: Launched) -> list[str]:
+        dyno = self._dynos.get(launched.workspace.root)
         if dyno is not None and dyno.cgroup is not None and dyno.cgroup.ran_out_of_memory():
             return [R15, "Stopping process with SIGKILL"]
         return []
 
-    async def remove(self, workspace: Workspace) -> None:
+    async def remove(self, launched: Launched) -> None:
+        launched.init.close()
+        await self.remove_workspace(launched.workspace)
+
+    async def remove_workspace(self, workspace: Workspace) -> None:
         dyno = self._dynos.pop(workspace.root, None)
         if dyno is not None:
             if dyno.cgroup is not None:
@@ -451,8 +479,8 @@ class BwrapSandbox:
 
 
 async def _end_on_oom(group: DynoCgroup, dyno: str) -> None:
-    """The dyno's OOM watch: a system task, because the Sandbox protocol gives the
-    sandbox no nursery; it ends when the dyno is removed (`disarm_oom`)."""
+    """The dyno's OOM watch, in the sandbox's own nursery (`run`); it ends when the dyno is
+    removed (`disarm_oom`)."""
     try:
         await group.end_on_oom()
     except Exception:

@@ -7,66 +7,19 @@ import contextlib
 import fcntl
 import os
 import signal
-import struct
 import termios
 
 import trio
 
 from gateway.core.applog import LineSplitter
-from gateway.core.protocol import Pty
 from gateway.manager.applog import AppLog
-from gateway.manager.dyno_init import InitPipes
+from gateway.manager.dyno_init import InitControl
 from gateway.manager.sandbox import DynoSpec
 from gateway.manager.spawn import Child
+from gateway.manager.stdio import Stdio
 
 # Linux's ioctl for a terminal's session; Python's termios module does not name it.
 TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)
-
-
-class Stdio:
-    """A dyno's standard streams: a PTY, or pipes. `child` are the dyno's ends, `front`
-    go to the SSH front, `kept` stay with the manager (a PTY master, or the stdout and
-    stderr read ends) to find the foreground job and to read a detached dyno's output.
-    A dyno started detached gets /dev/null for stdin and nothing for the front; `merge`
-    gives stdout and stderr one pipe, so their order survives."""
-
-    def __init__(self, pty: Pty | None, attach: bool = True, merge: bool = False) -> None:
-        if pty is not None:
-            master, slave = os.openpty()
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", pty.rows, pty.cols, 0, 0))
-            self.child, self.front, self.kept = [slave] * 3, [os.dup(master)], [master]
-        else:
-            in_w = None
-            if attach:
-                in_r, in_w = os.pipe()
-            else:
-                in_r = os.open(os.devnull, os.O_RDONLY)
-            out_r, out_w = os.pipe()
-            if merge:
-                self.child, self.kept = [in_r, out_w, out_w], [out_r]
-            else:
-                err_r, err_w = os.pipe()
-                self.child, self.kept = [in_r, out_w, err_w], [out_r, err_r]
-            self.front = [in_w, *map(os.dup, self.kept)] if in_w is not None else []
-
-    def close_child(self) -> None:
-        _close_all(self.child)
-        self.child = []
-
-    def close_front(self) -> None:
-        _close_all(self.front)
-        self.front = []
-
-    def close(self) -> None:
-        self.close_child()
-        self.close_front()
-        _close_all(self.kept)
-        self.kept = []
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in set(fds):
-        os.close(fd)
 
 
 class RunningDyno:
@@ -74,7 +27,7 @@ class RunningDyno:
     sees every process of the dyno, job-control groups and orphans included), and the
     manager's ends of its streams."""
 
-    def __init__(self, process: Child, spec: DynoSpec, stdio: Stdio, init: InitPipes) -> None:
+    def __init__(self, process: Child, spec: DynoSpec, stdio: Stdio, init: InitControl) -> None:
         self.process = process
         self.spec = spec
         self.init = init

@@ -14,9 +14,14 @@ import fcntl
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import trio
+
+from gateway.ipc import ancillary
 
 SOURCE = Path(__file__).with_name("dyno_init.c")
 COMPILERS = ("cc", "gcc", "clang")
@@ -78,33 +83,39 @@ def _build(path: Path) -> None:
     partial.rename(path)  # atomic: a concurrent start sees the whole binary or none
 
 
-@dataclass
-class InitPipes:
-    """One dyno's pipes to its init: commands go down `control`, the command's wait
-    status comes back on `status`. The child's ends go to the spawned process and are
-    closed here once it started."""
+class InitError(Exception):
+    """The init could not build or start the dyno; the message is its own words."""
 
-    control: int  # ours: the write end
-    status: int  # ours: the read end
+
+@dataclass
+class InitControl:
+    """One dyno's channels to its init: commands (and the start message, with the dyno's
+    stdio) go down a SEQPACKET socket, its status lines come back on a pipe ("pid N",
+    "ready", "exit STATUS", "error TEXT"). The child's ends go to the spawned process and
+    are closed here once it started."""
+
+    control: socket.socket  # ours
+    status: int  # ours: the read end, non-blocking
     child_control: int
     child_status: int
     closed: set[int] = field(default_factory=set)
+    _said: bytes = b""
 
     @classmethod
-    def open(cls) -> InitPipes:
-        control_r, control_w = os.pipe2(os.O_CLOEXEC)
+    def open(cls) -> InitControl:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        control_r, status_w = _high(control_r), _high(status_w)
-        os.set_blocking(control_w, False)
         os.set_blocking(status_r, False)
-        return cls(control_w, status_r, control_r, status_w)
+        child_control = _high(theirs.detach())
+        return cls(ours, status_r, child_control, _high(status_w))
 
     @property
     def child_fds(self) -> tuple[int, int]:
         return self.child_control, self.child_status
 
     def init_args(self, ctty: bool) -> list[str]:
-        """The init's options (the program follows `--`)."""
+        """The init's options when it runs a program now (the program follows `--`)."""
         args = ["--ctty"] if ctty else []
         return [*args, "--control", str(self.child_control), "--status", str(self.child_status)]
 
@@ -114,15 +125,48 @@ class InitPipes:
     def send(self, command: bytes) -> None:
         """A command for the init (h, t, k); nothing if it has already ended."""
         with contextlib.suppress(OSError):
-            os.write(self.control, command)
+            self.control.send(command)
+
+    def start(
+        self, hostname: str, pty: bool, argv: list[str], env: dict[str, str], stdio: list[int]
+    ) -> None:
+        """Start a prepared dyno's command with these three descriptors as its stdio
+        (the init owns its copies from here). OSError if the init is gone."""
+        words = [hostname, "pty" if pty else "pipes", str(len(argv)), *argv]
+        words += [f"{key}={value}" for key, value in env.items()]
+        payload = b"S" + b"".join(os.fsencode(word) + b"\0" for word in words)
+        self.control.sendmsg([payload], ancillary(stdio))
+
+    async def said(self, kind: str) -> str:
+        """The value of the init's next status line, which must be `kind` ("pid",
+        "ready"); InitError with its own words if it says "error ..." or ends first."""
+        while True:
+            line, _, rest = self._said.partition(b"\n")
+            if _:
+                self._said = rest
+                word, _, value = line.decode(errors="replace").partition(" ")
+                if word == kind:
+                    return value
+                if word == "error":
+                    raise InitError(value)
+                raise InitError(f"said {line!r} where {kind!r} was expected")
+            await trio.lowlevel.wait_readable(self.status)
+            try:
+                chunk = os.read(self.status, 4096)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise InitError(f"ended before it said {kind!r}")
+            self._said += chunk
 
     def main_status(self) -> int | None:
         """The command's wait status, once the init has ended and said it; None if it
         never did (the init was killed)."""
-        data = b""
+        data = self._said
         with contextlib.suppress(OSError):
             while chunk := os.read(self.status, 4096):
                 data += chunk
+        self._said = data
         for line in data.decode(errors="replace").splitlines():
             kind, _, value = line.partition(" ")
             if kind == "exit" and value.isdigit():
@@ -130,7 +174,8 @@ class InitPipes:
         return None
 
     def close(self) -> None:
-        self._close(self.control, self.status, self.child_control, self.child_status)
+        self.control.close()
+        self._close(self.status, self.child_control, self.child_status)
 
     def _close(self, *fds: int) -> None:
         for fd in fds:

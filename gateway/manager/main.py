@@ -64,6 +64,7 @@ async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], No
         stopping = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, stopping, front)
+            await nursery.start(sandbox.run)
             await nursery.start(manager.serve)
             await nursery.start(front.run)
             on_ready()

@@ -1,5 +1,6 @@
 """Where a dyno runs. `Sandbox` is what the supervisor needs of any sandbox;
-`ProcessSandbox` is the plain one.
+`ProcessSandbox` is the plain one, and `start_command` how the sandboxes that start a
+command per dyno (this one, bubblewrap) spawn it.
 
 The process sandbox (no namespaces) keeps dynos from seeing each other's files and from
 sharing a terminal or process group with the gateway; it is what runs where bubblewrap
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import secrets
 import socket
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -18,7 +21,8 @@ import trio
 
 from gateway.core.environment import dyno_env
 from gateway.core.protocol import Pty
-from gateway.manager.dyno_init import InitBinary, InitPipes
+from gateway.manager.dyno_init import InitBinary, InitControl
+from gateway.manager.spawn import Child, spawn
 from gateway.slugs import remove_tree
 
 # $PORT in a dyno with a network namespace of its own (nothing else listens there).
@@ -58,6 +62,20 @@ class Command:
     pass_fds: tuple[int, ...] = ()
 
 
+class SandboxError(Exception):
+    """A dyno could not be started in its sandbox; the message says why, for the log."""
+
+
+@dataclass
+class Launched:
+    """A dyno whose command runs: its init (whose end is the dyno's end), the channel to
+    that init, and what the sandbox holds for the dyno."""
+
+    process: Child
+    init: InitControl
+    workspace: Workspace
+
+
 class Sandbox(Protocol):
     name: str
     shell: str  # the shell's name, for records and banners ("bash")
@@ -66,26 +84,57 @@ class Sandbox(Protocol):
         """One line for the log at start: which sandbox, and what it does not isolate."""
         ...
 
-    async def prepare(self, spec: DynoSpec) -> Workspace:
-        """Make the dyno's private, writable view of its release."""
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The sandbox's own work for as long as the manager serves (prepared sandboxes,
+        memory watches), in a task the manager owns; returns at once where there is none."""
         ...
 
-    def command(self, spec: DynoSpec, workspace: Workspace, init: InitPipes) -> Command:
-        """How to start the dyno: its init (driven through `init`) running its command."""
+    async def start(self, spec: DynoSpec, stdio: list[int]) -> Launched:
+        """The dyno's command running in its sandbox with `stdio` (stdin, stdout, stderr:
+        the caller keeps and closes its copies). SandboxError if it cannot start; then
+        nothing of the dyno is left."""
         ...
 
-    def end_reason(self, workspace: Workspace) -> list[str]:
+    def end_reason(self, launched: Launched) -> list[str]:
         """Heroku error lines for the app log when the sandbox's limits ended the dyno
         (for example R15 for memory); empty otherwise. Called after the process ended."""
         ...
 
-    async def remove(self, workspace: Workspace) -> None:
+    async def remove(self, launched: Launched) -> None:
         """Remove everything the dyno had: processes left, mounts, limits, files."""
         ...
 
     def remove_leftovers(self) -> None:
         """At start: remove what dynos of a previous, dead manager left behind."""
         ...
+
+
+def start_command(
+    build: Callable[[InitControl], Command], stdio: list[int], workspace: Workspace
+) -> Launched:
+    """Spawn a sandbox's command for a dyno (`build` makes it, given the channels to the
+    dyno's init). SandboxError when it cannot be started (the caller removes the
+    workspace)."""
+    init = InitControl.open()
+    try:
+        command = build(init)
+        process = spawn(
+            command.argv,
+            stdin=stdio[0],
+            stdout=stdio[1],
+            stderr=stdio[2],
+            env=command.env,
+            cwd=command.cwd,
+            pass_fds=(*command.pass_fds, *init.child_fds),
+        )
+    except OSError as exc:
+        init.close()
+        raise SandboxError(exc.strerror or str(exc)) from None
+    except BaseException:
+        init.close()
+        raise
+    init.close_child_ends()
+    return Launched(process, init, workspace)
 
 
 class ProcessSandbox:
@@ -95,6 +144,21 @@ class ProcessSandbox:
         self.dynos_dir = dynos_dir
         self.shell = shell
         self.init = init
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
+    async def start(self, spec: DynoSpec, stdio: list[int]) -> Launched:
+        try:
+            workspace = await self.prepare(spec)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise SandboxError(f"the release could not be copied: {exc}") from None
+        try:
+            return start_command(lambda init: self.command(spec, workspace, init), stdio, workspace)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.remove_workspace(workspace)
+            raise
 
     def describe(self) -> str:
         return (
@@ -116,11 +180,15 @@ class ProcessSandbox:
             # Releases are read-only; the dyno's copy is its own to change.
             await trio.run_process(["chmod", "-R", "u+w", str(workspace.app)])
         except BaseException:
-            await self.remove(workspace)
+            await self.remove_workspace(workspace)
             raise
         return workspace
 
-    async def remove(self, workspace: Workspace) -> None:
+    async def remove(self, launched: Launched) -> None:
+        launched.init.close()
+        await self.remove_workspace(launched.workspace)
+
+    async def remove_workspace(self, workspace: Workspace) -> None:
         if workspace.root.exists():
             await trio.to_thread.run_sync(remove_tree, workspace.root)
 
@@ -132,12 +200,12 @@ class ProcessSandbox:
         wanted = root / "bin" / self.shell
         return str(Path("/bin") / self.shell) if wanted.exists() else "/bin/sh"
 
-    def command(self, spec: DynoSpec, workspace: Workspace, init: InitPipes) -> Command:
+    def command(self, spec: DynoSpec, workspace: Workspace, init: InitControl) -> Command:
         shell = self.shell_path()
         program = [shell] if spec.command is None else [shell, "-c", spec.command]
         # The init is a subreaper here (no PID namespace): it outlives the command when
         # the client hung up and something survived, and it ends with the manager (its
-        # control pipe closes).
+        # control socket closes).
         argv = [str(self.init.path), *init.init_args(ctty=spec.pty is not None), "--", *program]
         env = dyno_env(
             name=spec.name,
@@ -146,9 +214,9 @@ class ProcessSandbox:
             port=free_port(),
             pty=spec.pty,
         )
-        return Command(argv, env, workspace.app, init.child_fds)
+        return Command(argv, env, workspace.app)
 
-    def end_reason(self, workspace: Workspace) -> list[str]:
+    def end_reason(self, launched: Launched) -> list[str]:
         return []
 
 

@@ -1,15 +1,16 @@
 """Starting a dyno's process from the manager's main thread, and waiting for it.
 
 trio.lowlevel.open_process forks from a worker thread. Linux ties PR_SET_PDEATHSIG (what
-`bwrap --die-with-parent` and `setpriv --pdeathsig` use) to the *thread* that forked,
-and trio retires idle worker threads after ten seconds: every dyno would then get its
-"parent died" signal ten seconds in. So the fork happens here, on the main thread, which
-lives exactly as long as the manager, and the wait goes through a pidfd.
+`bwrap --die-with-parent` uses) to the *thread* that forked, and trio retires idle worker
+threads after ten seconds: every dyno would then get its "parent died" signal ten
+seconds in. So the fork happens here, on the main thread, which lives exactly as long
+as the manager, and the wait goes through a pidfd.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -17,18 +18,21 @@ import trio
 
 
 class Child:
-    """A started process: its pid, and an awaitable end."""
+    """A child process of the manager: its pid, and an awaitable end. Either one this
+    module started (subprocess keeps its own record, and reaps it), or one adopted by
+    pid: the namespace sandbox's init, which the kernel made our child (CLONE_PARENT)."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None = None) -> None:
+        self.pid = pid
         self._popen = popen
-        self.pid = popen.pid
-        self._pidfd = os.pidfd_open(popen.pid)
+        self._pidfd = os.pidfd_open(pid)
         self._ended = trio.Event()
         self._waiting = False
+        self.returncode: int | None = None
 
-    @property
-    def returncode(self) -> int | None:
-        return self._popen.returncode
+    @classmethod
+    def adopt(cls, pid: int) -> Child:
+        return cls(pid)
 
     async def wait(self) -> int:
         """The return code (negative: killed by that signal). Any number of tasks may wait."""
@@ -39,16 +43,20 @@ class Child:
             except BaseException:
                 self._waiting = False
                 raise
-            self._popen.wait()  # reaps at once: the pidfd said it ended
+            if self._popen is not None:
+                self.returncode = self._popen.wait()  # reaps at once: the pidfd said it ended
+            else:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
             os.close(self._pidfd)
             self._ended.set()
         await self._ended.wait()
-        assert self._popen.returncode is not None
-        return self._popen.returncode
+        assert self.returncode is not None
+        return self.returncode
 
     def kill(self) -> None:
-        if self._popen.returncode is None:
-            self._popen.kill()
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
 
 
 def spawn(
@@ -73,4 +81,4 @@ def spawn(
         close_fds=True,
         pass_fds=pass_fds,
     )
-    return Child(popen)
+    return Child(popen.pid, popen)

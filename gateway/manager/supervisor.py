@@ -32,12 +32,11 @@ from gateway.ipc import close_all
 from gateway.manager import metrics
 from gateway.manager.applog import AppLog
 from gateway.manager.connection import FrontConnection
-from gateway.manager.dyno import RunningDyno, Stdio
-from gateway.manager.dyno_init import InitPipes
+from gateway.manager.dyno import RunningDyno
 from gateway.manager.lifecycle import DynoLife
 from gateway.manager.orphans import start_time
-from gateway.manager.sandbox import DynoSpec, Sandbox, Workspace
-from gateway.manager.spawn import spawn
+from gateway.manager.sandbox import DynoSpec, Launched, Sandbox, SandboxError
+from gateway.manager.stdio import Stdio
 from gateway.store import DynoLimitReached, DynoRecord, Store
 
 _logger = logging.getLogger(__name__)
@@ -166,60 +165,38 @@ class Supervisor:
             record.release_version, record.size, request.attach, record.command,
         )  # fmt: skip
         self.applog.heroku(record.app, record.name, applog.starting(record.command))
+        stdio = Stdio(spec.pty, request.attach, request.merge_output)
         try:
-            workspace = await self.sandbox.prepare(spec)
-        except Exception as exc:
+            launched = await self.sandbox.start(spec, stdio.child)
+        except SandboxError as exc:
+            stdio.close()
             log.error("dyno failed to start error=%s", exc)
             life.crash()
             raise Refused(f"{record.name} failed to start") from None
-        try:
-            await self._supervise(conn, request, spec, workspace, life, log, request_time)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.sandbox.remove(workspace)
-
-    def _spawn(self, spec: DynoSpec, workspace: Workspace, stdio: Stdio, life: DynoLife,
-               log: EventLog) -> tuple[RunningDyno, InitPipes]:  # fmt: skip
-        """Start the dyno's init and command; on failure, the dyno crashed (Refused)."""
-        init = InitPipes.open()
-        try:
-            command = self.sandbox.command(spec, workspace, init)
-            try:
-                process = spawn(
-                    command.argv,
-                    stdin=stdio.child[0],
-                    stdout=stdio.child[1],
-                    stderr=stdio.child[2],
-                    env=command.env,
-                    cwd=command.cwd,
-                    pass_fds=command.pass_fds,
-                )
-            except OSError as exc:
-                log.error("dyno failed to start error=%s", exc)
-                life.crash()
-                raise Refused(f"{spec.name} failed to start: {exc.strerror}") from None
         except BaseException:
             stdio.close()
-            init.close()
             raise
         stdio.close_child()
-        init.close_child_ends()
-        return RunningDyno(process, spec, stdio, init), init
+        try:
+            await self._supervise(conn, request, spec, launched, stdio, life, log, request_time)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.sandbox.remove(launched)
 
     async def _supervise(
         self,
         conn: FrontConnection,
         request: Run,
         spec: DynoSpec,
-        workspace: Workspace,
+        launched: Launched,
+        stdio: Stdio,
         life: DynoLife,
         log: EventLog,
         request_time: float,
     ) -> None:
-        """Start the process, hand its stdio to the front, and see it to its end."""
+        """Hand the running dyno's stdio to the front, and see it to its end."""
         attach = request.attach
-        stdio = Stdio(spec.pty, attach, request.merge_output)
-        dyno, init = self._spawn(spec, workspace, stdio, life, log)
+        dyno = RunningDyno(launched.process, spec, stdio, launched.init)
         process = dyno.process
         metrics.DYNO_START_SECONDS.observe(trio.current_time() - request_time)
         metrics.DYNO_STARTS.labels(spec.app, spec.size).inc()
@@ -269,26 +246,25 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 await dyno.stop(grace=1)
                 exit = Exit.from_returncode(dyno.exit_status())
-                self._ended(life, workspace, exit, "stopped", log)
+                self._ended(life, launched, exit, "stopped", log)
             raise
         finally:
             running.dec()
             dyno.end_group()
             stdio.close()
-            init.close()
         exit = Exit.from_returncode(returncode)
-        self._ended(life, workspace, exit, result, log)
+        self._ended(life, launched, exit, result, log)
         if attach:
             # If the client is gone, the record still says how the dyno ended.
             with contextlib.suppress(OSError):
                 await conn.send(Exited(status=exit.status, signal=exit.signal))
 
     def _ended(
-        self, life: DynoLife, workspace: Workspace, exit: Exit, result: str, log: EventLog
+        self, life: DynoLife, launched: Launched, exit: Exit, result: str, log: EventLog
     ) -> None:
         """Close the dyno's record and log its end, before the client hears of it, so that
         what a client sees next (run:list, logs, usage) already holds it."""
-        life.complete(exit, result, *self.sandbox.end_reason(workspace))
+        life.complete(exit, result, *self.sandbox.end_reason(launched))
         log.info("dyno ended status=%s signal=%s result=%s", exit.status, exit.signal, result)
 
     async def _follow_front(self, conn: FrontConnection, dyno: RunningDyno, log: EventLog) -> None:
