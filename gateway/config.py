@@ -8,6 +8,7 @@ relative to `default_home()`, never to the working directory.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -18,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from gateway.core.admission import NetblockSize, parse_networks, startup_slots
 
-SANDBOXES = ("auto", "bwrap", "process")
+SANDBOXES = ("auto", "namespaces", "bwrap", "process")
 NETWORKS = ("outbound", "none", "host")
 # Read-only system dirs a bwrap dyno sees (the "stack"); those missing on the host are skipped.
 DEFAULT_STACK = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
@@ -103,10 +104,33 @@ class DynoSettings:
     # Concurrent one-off dynos: per app (Heroku's 50) and on this host.
     max_per_app: int = 50
     max_per_host: int = 200
-    # bwrap sandbox: the dyno's network, the host dirs it sees read-only, its /tmp cap.
+    # The dyno's network, the host dirs it sees read-only, and the bytes it may write in
+    # all: /app's changes, /tmp and /dev/shm together (namespaces sandbox; bwrap: /tmp).
     network: str = "outbound"
     stack: tuple[str, ...] = DEFAULT_STACK
     tmp_max_bytes: int = 256 * 1024**2
+    # Namespaces sandbox: each app's own uid (and gid), granted once from this range
+    # (no host user may own one); the dynos' addresses (a /30 each).
+    uid_range: str = "100000-165535"
+    subnet: str = "10.199.0.0/16"
+    # Sandboxes made ahead, so that a session starts with one message: up to `prepared`
+    # per app, release and size used lately, `prepared_max` in all, each kept at most
+    # `prepared_idle` seconds unused.
+    prepared: int = 2
+    prepared_max: int = 16
+    prepared_idle: int = 120
+    # The largest size an app's dynos may ask for, unless the operator sets another for
+    # the app (`gateway apps:update APP --max-size SIZE`); "" allows every size.
+    max_size: str = "standard-2x"
+    # What all dynos together leave of the host (the gateway's parent cgroup caps them):
+    # memory in MB, and processes.
+    host_reserve_memory: int = 1024
+    host_reserve_pids: int = 1024
+
+    @property
+    def uid_range_bounds(self) -> tuple[int, int]:
+        first, _, last = self.uid_range.partition("-")
+        return int(first), int(last)
 
 
 @dataclass(frozen=True)
@@ -282,6 +306,28 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
         raise ConfigError(
             f"{source}: 'dynos.sandbox' must be one of {', '.join(SANDBOXES)}, "
             f"got {config.dynos.sandbox!r}"
+        )
+    try:
+        uid_first, uid_last = config.dynos.uid_range_bounds
+    except ValueError:
+        raise ConfigError(
+            f"{source}: 'dynos.uid_range' must be FIRST-LAST, such as 100000-165535"
+        ) from None
+    if not 1000 <= uid_first <= uid_last < 2**31:
+        raise ConfigError(
+            f"{source}: 'dynos.uid_range' must lie between 1000 and 2147483647, "
+            "above every host user's uid"
+        )
+    try:
+        subnet = ipaddress.IPv4Network(config.dynos.subnet)
+    except ValueError:
+        raise ConfigError(f"{source}: 'dynos.subnet' must be an IPv4 network") from None
+    if subnet.prefixlen > 28:
+        raise ConfigError(f"{source}: 'dynos.subnet' {subnet} has room for too few dynos")
+    if config.dynos.max_size and config.dynos.max_size not in config.sizes:
+        raise ConfigError(
+            f"{source}: 'dynos.max_size' {config.dynos.max_size!r} is not a size: choose "
+            f'one of {", ".join(config.sizes)} (or "" for every size)'
         )
     if config.dynos.network not in NETWORKS:
         raise ConfigError(

@@ -396,6 +396,7 @@ def import_release(
     releases_dir: Path,
     max_unpacked_bytes: int,
     progress: Callable[[int, int], None] | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> tuple[Release, UnpackedSlug]:
     """Check and unpack `slug` and record it as the app's next release vN, in one step:
     the tree is renamed into `releases_dir/APP/vN` inside the transaction that allocates
@@ -406,6 +407,8 @@ def import_release(
     incoming = release_root / f".incoming-{secrets.token_hex(4)}"
     unpacked = unpack(slug, incoming, max_unpacked_bytes, progress=progress)
     try:
+        if owner is not None:
+            own_tree(incoming, *owner)  # the app's, before it is a release (see own_tree)
 
         def place(version: int) -> None:
             incoming.rename(release_root / f"v{version}")
@@ -425,3 +428,22 @@ def import_release(
         if incoming.exists():
             remove_tree(incoming)
     return release, unpacked
+
+
+def own_tree(root: Path, uid: int, gid: int) -> None:
+    """Make a release tree the app's: owned by its uid and gid, writable by it (overlayfs
+    copies files up with their owner and mode, so /app is then the dyno's to change,
+    while the release itself stays out of its sight). The root dir goes last, so its
+    owner says the whole tree is done (a crash half-way is finished next time)."""
+    info = root.lstat()
+    if info.st_uid == uid and info.st_gid == gid:
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            os.lchown(path, uid, gid)
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISLNK(mode):
+                os.chmod(path, stat.S_IMODE(mode) | stat.S_IWUSR)
+    os.chmod(root, stat.S_IMODE(info.st_mode) | stat.S_IWUSR)
+    os.chown(root, uid, gid)

@@ -255,3 +255,55 @@ def wait_until(predicate: object, timeout: float, interval: float = 0.05) -> boo
             return True
         time.sleep(interval)
     return bool(predicate())  # type: ignore[operator]
+
+
+@dataclass
+class NetnsHost:
+    """A host of the test's own: a network namespace joined to this one by a veth pair,
+    with addresses from 198.18.0.0/15 (for benchmarks and tests, RFC 2544). Traffic to it
+    stays on this machine."""
+
+    name: str
+    address: str  # the test host's
+    gateway: str  # this host's end of the pair (the test host's default route)
+
+    def run(self, *argv: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        """A process inside the test host's namespace."""
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kwargs)
+
+    def serve_once(self, reply: bytes) -> tuple[int, subprocess.Popen[bytes]]:
+        """A TCP server on the test host answering one connection with `reply`."""
+        port = 20000 + os.getpid() % 10000
+        script = (
+            "import socket,sys; s=socket.create_server(('0.0.0.0', int(sys.argv[1])));"
+            " print('ready', flush=True); c,_=s.accept(); c.sendall(sys.argv[2].encode());"
+            " c.close()"
+        )
+        server = self.run(sys.executable, "-c", script, str(port), reply.decode(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        return port, server
+
+
+@pytest.fixture
+def test_host() -> Iterator[NetnsHost]:
+    tag = f"{os.getpid() % 100000}"
+    name, veth = f"gwtest{tag}", f"gwt{tag}"
+    host = NetnsHost(name, "198.18.0.2", "198.18.0.1")
+    commands = [
+        ["ip", "netns", "add", name],
+        ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name],
+        ["ip", "addr", "add", f"{host.gateway}/30", "dev", veth],
+        ["ip", "link", "set", veth, "up"],
+        ["ip", "-n", name, "addr", "add", f"{host.address}/30", "dev", "eth0"],
+        ["ip", "-n", name, "link", "set", "eth0", "up"],
+        ["ip", "-n", name, "link", "set", "lo", "up"],
+        ["ip", "-n", name, "route", "add", "default", "via", host.gateway],
+    ]
+    try:
+        for argv in commands:
+            subprocess.run(argv, check=True, capture_output=True)
+        yield host
+    finally:
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)

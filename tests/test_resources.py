@@ -19,12 +19,14 @@ import pytest
 from tests.conftest import Gateway, _gateway, wait_until
 
 
-@pytest.fixture(scope="module", params=["process", "bwrap"])
+@pytest.fixture(scope="module", params=["process", "namespaces"])
 def gw(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    # A short max_lifetime, so that cycled dynos are part of the mix.
-    gateway = _gateway(tmp_path_factory.mktemp(request.param), extra_config="max_lifetime = 3\n")
+    # A short max_lifetime, so that cycled dynos are part of the mix; prepared sandboxes
+    # (namespaces) kept 3 s unused, so that the pool's settling can be waited for.
+    config = "max_lifetime = 3\nprepared_idle = 3\n"
+    gateway = _gateway(tmp_path_factory.mktemp(request.param), extra_config=config)
     text = gateway.config_path.read_text()
     gateway.config_path.write_text(
         text.replace('sandbox = "process"', f'sandbox = "{request.param}"')
@@ -90,7 +92,7 @@ def test_descriptors_and_children_return_to_baseline(gw: Gateway, tmp_path: Path
     # Warm up (the first dyno of a release makes its view; the master connection opens).
     assert ssh("true") == 0
     subprocess.run([*shared, "-O", "exit", f"{app}@127.0.0.1"], capture_output=True)
-    assert wait_until(lambda: no_dynos_left(gw, [app]), 10)
+    assert wait_until(lambda: no_dynos_left(gw, [app]), 15)
     before = snapshot(gw)
 
     def one(i: int) -> None:
@@ -126,8 +128,23 @@ def test_descriptors_and_children_return_to_baseline(gw: Gateway, tmp_path: Path
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(one, range(240)))
     subprocess.run([*shared, "-O", "exit", f"{app}@127.0.0.1"], capture_output=True)
-    assert wait_until(lambda: no_dynos_left(gw, [app, bare]), 30), gw.cli("ps", app).stdout
-    assert wait_until(lambda: snapshot(gw) == before, 10), (before, snapshot(gw))
+    assert wait_until(lambda: no_dynos_left(gw, [app, bare]), 40), gw.cli("ps", app).stdout
+    assert wait_until(lambda: snapshot(gw) == before, 10), (before, snapshot(gw), details(gw))
+
+
+def details(gw: Gateway) -> list[str]:
+    """What an operator would look at: the manager's children and descriptors."""
+    assert gw.process is not None
+    found = []
+    for pid in children_of(gw.process.pid):
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            state = " ".join(line for line in status if line.startswith(("State", "NSpid")))
+            found.append(f"{pid} {Path(f'/proc/{pid}/cmdline').read_bytes()!r} {state}")
+    fd_dir = Path(f"/proc/{gw.process.pid}/fd")
+    with contextlib.suppress(OSError):
+        found += sorted(os.readlink(fd) for fd in fd_dir.iterdir())
+    return found
 
 
 def _running(marker: str) -> bool:

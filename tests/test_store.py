@@ -134,6 +134,27 @@ def test_apps(store: Store) -> None:
     assert store.app("a1").size == "standard-1x"
 
 
+def test_each_app_gets_its_own_uid_once_and_none_is_granted_twice(store: Store) -> None:
+    for name in ("a", "b", "c"):
+        store.create_app(name)
+    first = store.app_uid("a", 100000, 100001)
+    assert first == 100000 and store.app_uid("a", 100000, 100001) == 100000  # kept
+    assert store.app_uid("b", 100000, 100001) == 100001
+    with pytest.raises(StoreError, match="uid range 100000-100001 is used up"):
+        store.app_uid("c", 100000, 100001)
+    # A wider range later: the next after every uid ever granted, never a gap's.
+    assert store.app_uid("c", 99000, 200000) == 100002
+
+
+def test_an_apps_largest_size(store: Store) -> None:
+    store.create_app("shop")
+    assert store.app("shop").max_size is None
+    store.set_app_size("shop", None, "performance-m")
+    assert (store.app("shop").size, store.app("shop").max_size) == ("standard-1x", "performance-m")
+    store.set_app_size("shop", "standard-2x", "")
+    assert (store.app("shop").size, store.app("shop").max_size) == ("standard-2x", None)
+
+
 def test_config_vars(store: Store) -> None:
     store.create_app("shop")
     store.set_config("shop", {"AB": "1", "A_B": "2", "Z": "3"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import sys
 from collections.abc import Callable
@@ -73,10 +74,16 @@ def releases_create(args: argparse.Namespace, config: Config) -> int:
     app = store.app(args.app)
     if not args.slug.is_file():
         raise UserError(f"{args.slug}: no such file")
+    # As root, the release is the app's from the start: its dynos' /app is an overlay of
+    # it, as the app's own uid (the namespaces sandbox), with no copy made at first use.
+    owner = None
+    if os.geteuid() == 0:
+        uid = store.app_uid(app.name, *config.dynos.uid_range_bounds)
+        owner = (uid, uid)
     try:
         release, unpacked = import_release(
             store, app.name, args.slug, config.releases_dir, config.slugs.max_unpacked_bytes,
-            progress=_progress(args.slug),
+            progress=_progress(args.slug), owner=owner,
         )  # fmt: skip
     except SlugRefused as exc:
         raise UserError(f"slug refused: {exc}") from None

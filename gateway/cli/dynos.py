@@ -19,6 +19,7 @@ from gateway.cli.registry import (
     json_arg,
 )
 from gateway.config import Config
+from gateway.core import sizes
 from gateway.core.commands import dyno_json, format_ps
 from gateway.core.protocol import Dropped, LogLines, Logs, Stop
 
@@ -74,16 +75,28 @@ def ps_stop(args: argparse.Namespace, config: Config) -> int:
 
 @command(
     "apps:update",
-    "change an app's default dyno size",
+    "change an app's default dyno size, or the largest it may use",
     app_arg,
-    lambda p: p.add_argument("--size", required=True, help="a size from [sizes]"),
+    lambda p: p.add_argument("--size", help="the size its dynos get unless a run asks"),
+    lambda p: p.add_argument(
+        "--max-size", help='the largest size a run may ask for ("" for [dynos] max_size)'
+    ),
 )
 def apps_update(args: argparse.Namespace, config: Config) -> int:
-    if args.size not in config.sizes:
-        raise UserError(f"unknown dyno size {args.size!r}: choose one of {', '.join(config.sizes)}")
-    _store(config).set_app_size(args.app, args.size)
-    _audit(config, "app_updated", app=args.app, size=args.size)
-    print(f"{args.app} now runs {args.size} dynos by default")
+    if args.size is None and args.max_size is None:
+        raise UserError("say what to change: --size SIZE, --max-size SIZE, or both")
+    for given in (args.size, args.max_size or None):
+        if given is not None and given not in config.sizes:
+            raise UserError(f"unknown dyno size {given!r}: choose one of {', '.join(config.sizes)}")
+    store = _store(config)
+    app = store.app(args.app)
+    size = args.size or app.size
+    cap = (args.max_size if args.max_size is not None else app.max_size) or config.dynos.max_size
+    if (why := sizes.refusal(config.sizes, size, cap, app.name)) is not None:
+        raise UserError(f"{size} as the default: {why}")
+    store.set_app_size(args.app, args.size, args.max_size)
+    _audit(config, "app_updated", app=args.app, size=args.size, max_size=args.max_size)
+    print(f"{args.app} runs {size} dynos by default, and at most {cap or 'any size'}")
     return 0
 
 

@@ -142,6 +142,8 @@ def check(args: argparse.Namespace, config: Config) -> int:
         else:
             results.append((True, f"host key {path}: {public_key(path).fingerprint}"))
     results.append(_check_state(config))
+    results += _check_sizes(config)
+    results.append(_check_uid_range(config))
     logging.disable(logging.WARNING)
     try:
         results.append((True, trio.run(choose_sandbox, config).describe()))
@@ -160,6 +162,38 @@ def check(args: argparse.Namespace, config: Config) -> int:
     for ok, line in results:
         print(f"{'ok  ' if ok else 'FAIL'} {line}")
     return 0 if all(ok for ok, _ in results) else 1
+
+
+def _check_sizes(config: Config) -> list[tuple[bool, str]]:
+    """Sizes no dyno could get here (more memory, processes or CPUs than the host has)."""
+    from gateway.core.sizes import oversized
+    from gateway.manager.limits import host_figures
+
+    host = host_figures()
+    found = oversized(config.sizes, host)
+    if not found:
+        return [(True, f"sizes: {', '.join(config.sizes)} fit this host")]
+    fix = f"lower or remove it in [sizes] ({config.source})"
+    return [(False, f"size {line}: {fix}") for line in found]
+
+
+def _check_uid_range(config: Config) -> tuple[bool, str]:
+    """No host user or group may hold an id the gateway grants to apps: its files and
+    processes would be an app's."""
+    import grp
+    import pwd
+
+    first, last = config.dynos.uid_range_bounds
+    taken = [f"user {u.pw_name} ({u.pw_uid})" for u in pwd.getpwall() if first <= u.pw_uid <= last]
+    taken += [
+        f"group {g.gr_name} ({g.gr_gid})" for g in grp.getgrall() if first <= g.gr_gid <= last
+    ]
+    if taken:
+        return False, (
+            f"uid_range {config.dynos.uid_range}: held on this host by {', '.join(taken[:5])}; "
+            f"set [dynos] uid_range in {config.source} to ids no host user or group has"
+        )
+    return True, f"uid_range {config.dynos.uid_range}: no host user or group in it"
 
 
 def _check_state(config: Config) -> tuple[bool, str]:

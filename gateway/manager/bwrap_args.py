@@ -1,5 +1,7 @@
-"""What bubblewrap and its helpers are run with: argv and scripts, built without running
-anything (the tests check them without root). gateway/manager/bwrap.py runs them."""
+"""What bubblewrap is run with for a dyno, built without running anything (the tests check
+it without root). gateway/manager/bwrap.py runs it. The bubblewrap sandbox is the one for
+a gateway without root: bwrap makes a user namespace in which the dyno's uid (65534) is
+the gateway's own user."""
 
 from __future__ import annotations
 
@@ -7,55 +9,24 @@ import os
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-# The dyno user: `nobody`, inside the sandbox and on the host.
+from gateway.manager.stack import StackEntry, hidden_paths
+
+# The dyno's uid and gid inside its user namespace (the gateway's user outside).
 DYNO_UID = 65534
 DYNO_GID = 65534
 # Heroku's open-files limit.
 NOFILE = 10000
-# Where the gateway looks for the tools it runs as root: never a dyno's PATH.
+# Where the gateway looks for the tools it runs: never a dyno's PATH.
 TRUSTED_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TOOLS = ("bwrap", "sh", "cp", "chmod")
-ROOT_TOOLS = ("chroot", "nsenter", "unshare", "mount", "install", "chown")
-# Inside the holder's mount namespace the dyno's tmpfs is moved to /tmp.
-HOLDER_ROOT = "/tmp"
-# The holder's exit status when the overlay mount fails (the probe then tries a copy).
-OVERLAY_FAILED = 3
 
-# The holder: run by `unshare --mount --propagation private [--net]` as root. It says
-# "namespaces" (slirp4netns can start on its netns meanwhile), builds the dyno's
-# filesystem in its private mount namespace, says "ready", and keeps the namespaces
-# alive until its stdin closes (the manager removes the dyno, or dies).
-HOLDER_SCRIPT = r"""set -e
-rw=$1 size=$2 owner=$3 lower=$4 copy=$5 resolv=$6
-echo namespaces
-mount -t tmpfs -o "size=$size,mode=0755,nosuid,nodev" dyno "$rw"
-install -d -o "${owner%:*}" -g "${owner#*:}" "$rw/upper" "$rw/work" "$rw/tmp" "$rw/app"
-if [ -n "$lower" ]; then
-    mount -t overlay -o "lowerdir=$lower,upperdir=$rw/upper,workdir=$rw/work,nosuid,nodev" \
-        overlay "$rw/app" || exit 3
-else
-    mount --bind "$copy" "$rw/app"
-fi
-if [ -n "$resolv" ]; then printf '%s' "$resolv" > "$rw/resolv.conf"; fi
-mount --move "$rw" /tmp
-echo ready
-read -r _ || true
-"""
-
-# The wrapper: the dyno's first process (its process group and session leader). It
-# joins the cgroup before anything forks, sets the rlimits, ignores the signals the
-# supervisor sends to the group (the dyno's own processes get them back at default
-# through `env --default-signal`) and waits for bwrap. It makes itself the host's first
-# choice in a host-wide OOM, so that dynos go before the gateway (bwrap and the dyno die
-# with the wrapper).
-WRAPPER_SCRIPT = r"""for file do
-    shift
-    [ "$file" = -- ] && break
-    echo $$ > "$file" || exit 125
-done
-ulimit -c 0 && ulimit -n "$GW_NOFILE" || exit 125
+# The wrapper: the dyno's first process (its process group's leader). It sets the
+# rlimits (a gateway without root has no cgroups to give), ignores the signals the
+# supervisor sends to the group (the dyno's init resets them for the dyno's own
+# processes), and waits for bwrap. It makes itself the host's first choice in a
+# host-wide OOM, so that dynos go before the gateway (bwrap and the dyno die with it).
+WRAPPER_SCRIPT = r"""ulimit -c 0 && ulimit -n "$GW_NOFILE" || exit 125
 if [ -n "$GW_DATA_KB" ]; then ulimit -d "$GW_DATA_KB" || exit 125; fi
 exec 4<"$GW_ARGS"
 trap '' HUP INT QUIT TERM USR1 USR2 ALRM
@@ -65,25 +36,6 @@ exec 3<&- 4<&-
 echo 1000 > /proc/self/oom_score_adj
 wait $!
 """
-
-
-@dataclass(frozen=True)
-class StackEntry:
-    """A stack dir as the host has it: a directory, or a symlink (merged /usr)."""
-
-    path: str
-    link: str | None = None
-
-
-def look_at_stack(stack: Iterable[str]) -> list[StackEntry]:
-    """The configured stack dirs that exist here; missing ones are skipped."""
-    entries = []
-    for path in stack:
-        if os.path.islink(path):
-            entries.append(StackEntry(path, os.readlink(path)))
-        elif os.path.isdir(path):
-            entries.append(StackEntry(path))
-    return entries
 
 
 def stack_args(entries: Sequence[StackEntry]) -> list[str]:
@@ -98,24 +50,19 @@ def stack_args(entries: Sequence[StackEntry]) -> list[str]:
 
 
 def hidden_args(entries: Sequence[StackEntry], secrets_: Iterable[tuple[str, bool]]) -> list[str]:
-    """Cover the gateway's own paths that fall inside a bound stack dir: an empty tmpfs
-    over a directory, /dev/null over a file. `secrets_` are (path, is_dir)."""
-    bound = [e.path.rstrip("/") for e in entries if e.link is None]
+    """bwrap's options covering the gateway's own paths inside bound stack dirs."""
     args: list[str] = []
-    for path, is_dir in secrets_:
-        if any(path == b or path.startswith(b + "/") for b in bound):
-            args += ["--tmpfs", path] if is_dir else ["--ro-bind", "/dev/null", path]
+    for path, is_dir in hidden_paths(entries, secrets_):
+        args += ["--tmpfs", path] if is_dir else ["--ro-bind", "/dev/null", path]
     return args
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the dyno's pieces are, as bwrap (in the holder's namespaces) sees them."""
+    """Where the dyno's writable pieces are."""
 
-    app: str  # bound on /app
-    tmp: str | None  # bound on /tmp; None: a bwrap tmpfs of tmp_bytes
-    tmp_bytes: int
-    resolv_conf: str | None = None  # bound on /etc/resolv.conf
+    app: str  # bound on /app: the dyno's own copy of the release
+    tmp_bytes: int  # the size of its /tmp
 
 
 def bwrap_args(
@@ -143,13 +90,8 @@ def bwrap_args(
         args.append("--unshare-net")
     args += stack_args(stack)
     args += hidden
-    if layout.resolv_conf is not None:
-        args += ["--ro-bind", layout.resolv_conf, "/etc/resolv.conf"]
     args += ["--proc", "/proc", "--dev", "/dev"]
-    if layout.tmp is not None:
-        args += ["--bind", layout.tmp, "/tmp"]
-    else:
-        args += ["--size", str(layout.tmp_bytes), "--tmpfs", "/tmp"]
+    args += ["--size", str(layout.tmp_bytes), "--tmpfs", "/tmp"]
     args += ["--bind", layout.app, "/app", "--chdir", "/app", "--clearenv"]
     for key, value in env.items():
         args += ["--setenv", key, value]
@@ -173,56 +115,10 @@ def encode_args(args: Sequence[str]) -> bytes:
     return b"".join(os.fsencode(arg) + b"\0" for arg in args)
 
 
-def holder_argv(tools: dict[str, str], network: str, params: Sequence[str]) -> list[str]:
-    namespaces = ["--mount", "--propagation", "private"]
-    if network == "outbound":
-        namespaces.append("--net")
-    return [
-        tools["unshare"],
-        *namespaces,
-        "--",
-        tools["sh"],
-        "-c",
-        HOLDER_SCRIPT,
-        "holder",
-        *params,
-    ]
-
-
-def wrapper_argv(
-    tools: dict[str, str],
-    *,
-    holder_pid: int | None,
-    network: str,
-    procs_files: Sequence[str],
-    inner: Sequence[str],
-) -> list[str]:
-    """The dyno's argv: [nsenter into the holder] sh WRAPPER procs --
-    [chroot --userspec: the dyno user] bwrap --args 4 -- INNER. The dyno's init (in
-    INNER) gives a terminal session its controlling terminal."""
-    argv: list[str] = []
-    if holder_pid is not None:
-        argv += [tools["nsenter"], f"--target={holder_pid}", "--mount"]
-        if network == "outbound":
-            argv.append("--net")
-        argv.append("--")
-    argv += [tools["sh"], "-c", WRAPPER_SCRIPT, "dyno", *procs_files, "--"]
-    if holder_pid is not None:
-        # chroot to / only to change user: it sets the groups, gid and uid, and starts
-        # in a third of the time setpriv takes.
-        argv += [
-            tools["chroot"],
-            f"--userspec={DYNO_UID}:{DYNO_GID}",
-            f"--groups={DYNO_GID}",
-            "--skip-chdir",
-            "/",
-        ]
-    return [*argv, tools["bwrap"], "--args", "4", "--", *inner]
-
-
-def overlay_safe(path: Path) -> bool:
-    """overlayfs options cannot carry these characters in a layer path."""
-    return not any(c in str(path) for c in ",:\\\n")
+def wrapper_argv(tools: dict[str, str], inner: Sequence[str]) -> list[str]:
+    """The dyno's argv: sh WRAPPER bwrap --args 4 -- INNER (the dyno's init, in INNER,
+    gives a terminal session its controlling terminal)."""
+    return [tools["sh"], "-c", WRAPPER_SCRIPT, "dyno", tools["bwrap"], "--args", "4", "--", *inner]
 
 
 def find_tools(names: Iterable[str]) -> tuple[dict[str, str], list[str]]:

@@ -809,6 +809,10 @@ int main(int argc, char **argv) {
             say("pid %d\n", child);
             _exit(0);
         }
+        /* The dyno's process group is ours (its id our pid, as the manager signals it):
+         * the first process led the session, so this one may make its own. */
+        if (setsid() < 0)
+            die("setsid");
         build_root();
         say("ready\n");
     }

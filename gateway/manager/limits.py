@@ -32,6 +32,7 @@ from pathlib import Path
 import trio
 
 from gateway.config import SizeSettings
+from gateway.core.sizes import Host
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,16 @@ class Cgroups:
             raise
         return group
 
+    def cap_all(self, memory_bytes: int, pids: int) -> None:
+        """The most all dynos together may take (the parent groups' limits), so that no
+        mix of sizes can take the host from the gateway and everything else on it."""
+        if self.version == "v1":
+            (self.parents["memory"] / "memory.limit_in_bytes").write_text(str(memory_bytes))
+            (self.parents["pids"] / "pids.max").write_text(str(pids))
+        else:
+            (self.parents["memory"] / "memory.max").write_text(str(memory_bytes))
+            (self.parents["memory"] / "pids.max").write_text(str(pids))
+
     def remove_parents(self) -> None:
         """At exit: remove the gateway's parent groups if no dyno group is left in them."""
         for path in dict.fromkeys(self.parents.values()):
@@ -394,3 +405,13 @@ class DynoCgroup:
                 return
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+
+def host_figures() -> Host:
+    """This host's memory (MB), pid_max and CPUs, for what dyno sizes can have."""
+    memory_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            memory_kb = int(line.split()[1])
+    pids = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return Host(memory=memory_kb // 1024, pids=pids, cpus=os.cpu_count() or 1)

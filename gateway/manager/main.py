@@ -20,6 +20,7 @@ import trio
 from gateway.config import Config
 from gateway.manager.bwrap import BwrapSandbox, BwrapUnavailable
 from gateway.manager.dyno_init import InitBinary, InitUnavailable
+from gateway.manager.namespaces import NamespaceSandbox, NamespacesUnavailable
 from gateway.manager.sandbox import ProcessSandbox, Sandbox
 from gateway.manager.server import Manager
 from gateway.store import StoreUnavailable, open_store
@@ -101,13 +102,30 @@ async def _watch_signals(signals: AsyncIterator[int], stopping: trio.Event, fron
 async def choose_sandbox(config: Config) -> Sandbox:
     """The sandbox `dynos.sandbox` asks for, said loudly, or SandboxUnavailable.
 
-    "bwrap" and "auto" first run a trial dyno through bubblewrap; "bwrap" refuses to
-    start with the trial's error, "auto" falls back to the process sandbox."""
+    "auto" takes the strongest that works here: as root the namespaces sandbox, else
+    bubblewrap in a user namespace, else the plain process sandbox. It moves on only for
+    the known reasons a sandbox cannot work (not root, a tool or kernel feature missing:
+    each sandbox's *Unavailable), each said in the log; anything else is a bug and stops
+    the gateway with its traceback. A sandbox asked for by name refuses to start
+    instead of falling back."""
     wanted = config.dynos.sandbox
     try:
         init = InitBinary.ensure(config.state_dir / "lib")
     except InitUnavailable as exc:
         raise SandboxUnavailable(str(exc)) from None
+    sandbox: Sandbox
+    if wanted in ("namespaces", "auto"):
+        try:
+            namespaces = await NamespaceSandbox.probe(config, init, strict=wanted != "auto")
+        except NamespacesUnavailable as exc:
+            if wanted != "auto":
+                raise SandboxUnavailable(
+                    f'dynos.sandbox = "namespaces" cannot work here: {exc}'
+                ) from None
+            log.warning("the namespaces sandbox cannot work here, trying bubblewrap: %s", exc)
+        else:
+            _announce(namespaces.describe(), bool(namespaces.notes))
+            return namespaces
     if wanted in ("bwrap", "auto"):
         try:
             bwrap = await BwrapSandbox.probe(config, strict=wanted == "bwrap", init=init)
@@ -118,14 +136,18 @@ async def choose_sandbox(config: Config) -> Sandbox:
                 ) from None
             log.warning("bubblewrap cannot work here, falling back: %s", exc)
         else:
-            if bwrap.plan.notes:
-                log.warning(bwrap.describe())
-            else:
-                log.info(bwrap.describe())
+            _announce(bwrap.describe(), bool(bwrap.notes))
             return bwrap
     sandbox = ProcessSandbox(config.dynos_dir, config.dynos.shell, init)
     log.warning(sandbox.describe())
     return sandbox
+
+
+def _announce(line: str, weaker: bool) -> None:
+    if weaker:
+        log.warning(line)
+    else:
+        log.info(line)
 
 
 class Front:

@@ -49,6 +49,7 @@ class DynoSpec:
     pty: Pty | None
     release_dir: Path
     size: str = "standard-1x"
+    uid: int | None = None  # the app's own uid (the namespaces sandbox runs dynos as it)
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,7 @@ def spawn(
     env: dict[str, str],
     cwd: Path,
     pass_fds: tuple[int, ...] = (),
+    executable: str | None = None,
 ) -> Child:
     """Fork and exec now, on the calling (main) thread, in a new session of its own
     (the dyno's process group; a terminal's session is made by the dyno's init)."""
@@ -80,5 +81,6 @@ def spawn(
         start_new_session=True,
         close_fds=True,
         pass_fds=pass_fds,
+        executable=executable,
     )
     return Child(popen.pid, popen)

@@ -15,7 +15,7 @@ import trio
 
 from gateway.audit import AuditLog
 from gateway.config import Config
-from gateway.core import applog
+from gateway.core import applog, sizes
 from gateway.core.dyno import Exit
 from gateway.core.procfile import resolve_command
 from gateway.core.protocol import (
@@ -37,7 +37,7 @@ from gateway.manager.lifecycle import DynoLife
 from gateway.manager.orphans import start_time
 from gateway.manager.sandbox import DynoSpec, Launched, Sandbox, SandboxError
 from gateway.manager.stdio import Stdio
-from gateway.store import DynoLimitReached, DynoRecord, Store
+from gateway.store import DynoLimitReached, DynoRecord, Store, StoreError
 
 _logger = logging.getLogger(__name__)
 
@@ -74,10 +74,9 @@ class Supervisor:
         if app is None:
             raise Refused(f"no such app: {request.app}")
         size = request.size or app.size
-        if size not in self.config.sizes:
-            raise Refused(
-                f"unknown dyno size {size!r}: choose one of {', '.join(self.config.sizes)}"
-            )
+        cap = app.max_size or self.config.dynos.max_size
+        if (why := sizes.refusal(self.config.sizes, size, cap, app.name)) is not None:
+            raise Refused(why)
         release = self.store.latest_release(app.name)
         if release is None:
             raise Refused(
@@ -151,6 +150,11 @@ class Supervisor:
         log: EventLog,
     ) -> None:
         request_time = trio.current_time()
+        try:
+            uid = self.store.app_uid(record.app, *self.config.dynos.uid_range_bounds)
+        except StoreError as exc:
+            life.crash()
+            raise Refused(str(exc)) from None
         spec = DynoSpec(
             app=record.app,
             name=record.name,
@@ -159,6 +163,7 @@ class Supervisor:
             pty=request.pty if request.attach else None,
             release_dir=self.config.releases_dir / record.app / f"v{record.release_version}",
             size=record.size,
+            uid=uid,
         )
         log.info(
             "dyno starting release=v%d size=%s attach=%s command=%r",

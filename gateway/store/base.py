@@ -19,8 +19,8 @@ from collections.abc import Callable, Generator, Sequence
 from contextlib import AbstractContextManager, closing, nullcontext
 from pathlib import Path
 
-from gateway.core.applog import LogLine
 from gateway.core.dyno import ENDED, State
+from gateway.store.applog_queries import AppLogQueries
 from gateway.store.records import (
     App,
     AppKey,
@@ -35,7 +35,7 @@ from gateway.store.slug_digest import check_slug
 from gateway.store.sql import Row, SlugKeeper, Transaction
 
 
-class Store(ABC):
+class Store(AppLogQueries, ABC):
     """The gateway's state. Subclasses: SQLiteStore, PostgresStore (open_store picks)."""
 
     backend: str  # "sqlite" or "postgresql"
@@ -127,7 +127,7 @@ class Store(ABC):
         return App(id=row["id"], name=name, size="standard-1x", created_at=now)
 
     def get_app(self, name: str) -> App | None:
-        row = self._one("SELECT id, name, size, created_at FROM apps WHERE name = ?", (name,))
+        row = self._one(f"SELECT {_APP} FROM apps WHERE name = ?", (name,))
         return App(**row) if row else None
 
     def app(self, name: str) -> App:
@@ -138,14 +138,43 @@ class Store(ABC):
         return found
 
     def list_apps(self) -> list[App]:
-        rows = self._query("SELECT id, name, size, created_at FROM apps ORDER BY name")
+        rows = self._query(f"SELECT {_APP} FROM apps ORDER BY name")
         return [App(**row) for row in rows]
 
-    def set_app_size(self, app: str, size: str) -> None:
-        """The size an app's dynos get unless a run asks for another."""
+    def set_app_size(self, app: str, size: str | None, max_size: str | None = None) -> None:
+        """The size an app's dynos get unless a run asks for another (None: unchanged),
+        and the largest they may ask for (None: unchanged; "" lifts the cap)."""
         app_id = self.app(app).id
         with self._transaction() as tx:
-            tx.execute("UPDATE apps SET size = ? WHERE id = ?", (size, app_id))
+            if size is not None:
+                tx.execute("UPDATE apps SET size = ? WHERE id = ?", (size, app_id))
+            if max_size is not None:
+                cap = max_size or None
+                tx.execute("UPDATE apps SET max_size = ? WHERE id = ?", (cap, app_id))
+
+    def app_uid(self, app: str, first: int, last: int) -> int:
+        """The app's own uid (its gid too), granted now from first..last if it has none:
+        the next after every uid ever granted, so none is ever granted twice."""
+        found = self.app(app)
+        row = self._one("SELECT uid FROM app_uids WHERE app_id = ?", (found.id,))
+        if row is not None:
+            return int(row["uid"])
+        with self._transaction() as tx:
+            self._lock_app(tx, found.id)  # and the UNIQUE app_id: one grant per app
+            row = tx.execute("SELECT uid FROM app_uids WHERE app_id = ?", (found.id,)).fetchone()
+            if row is not None:
+                return int(row["uid"])
+            top = tx.execute("SELECT MAX(uid) AS top FROM app_uids").fetchone()["top"]
+            uid = first if top is None else max(first, int(top) + 1)
+            if uid > last:
+                raise StoreError(
+                    f"the dyno uid range {first}-{last} is used up: widen dynos.uid_range"
+                )
+            tx.execute(
+                "INSERT INTO app_uids (uid, app_id, granted_at) VALUES (?, ?, ?)",
+                (uid, found.id, time.time()),
+            )
+        return uid
 
     # -- releases --------------------------------------------------------------------
 
@@ -340,7 +369,9 @@ class Store(ABC):
                 (app_id, name, command, size, release_version, attached, str(State.STARTING),
                  now, now, self.node),
             )  # fmt: skip
-        return self.get_dyno(app, name)  # type: ignore[return-value]
+        created = self.get_dyno(app, name)
+        assert created is not None  # written by the transaction just committed
+        return created
 
     def set_dyno_process(self, app: str, name: str, pid: int, started: int) -> None:
         """The dyno's process (its group leader) and its start time in clock ticks, so
@@ -384,7 +415,7 @@ class Store(ABC):
             " WHERE apps.name = ? AND dynos.name = ?",
             (app, name),
         )
-        return _dyno(row) if row else None
+        return DynoRecord.from_row(row) if row else None
 
     def list_dynos(
         self, app: str | None = None, running: bool = False, node: str | None = None
@@ -404,7 +435,7 @@ class Store(ABC):
             args.append(node)
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
-        return [_dyno(row) for row in self._query(sql + " ORDER BY dynos.id", args)]
+        return [DynoRecord.from_row(row) for row in self._query(sql + " ORDER BY dynos.id", args)]
 
     def usage(self, app: str | None = None, since: float = 0.0) -> list[Usage]:
         """Wall-clock dyno-seconds of ended dynos, per app and size. A dyno a restart
@@ -439,54 +470,9 @@ class Store(ABC):
         row = self._one("SELECT apps FROM api_tokens WHERE token_sha256 = ?", (_sha256(token),))
         return json.loads(row["apps"]) if row else None
 
-    # -- the app log -----------------------------------------------------------------
 
-    def append_log(self, app: str, lines: list[LogLine], keep: int) -> None:
-        """Add lines to the app's log, keeping only its newest `keep` lines."""
-        if not lines:
-            return
-        app_id = self.app(app).id
-        with self._transaction() as tx:
-            tx.executemany(
-                "INSERT INTO log_lines (app_id, at, source, dyno, message) VALUES (?, ?, ?, ?, ?)",
-                [(app_id, line.at, line.source, line.dyno, line.message) for line in lines],
-            )
-            tx.execute(
-                "DELETE FROM log_lines WHERE app_id = ? AND id <= (SELECT id FROM log_lines"
-                " WHERE app_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (app_id, app_id, keep),
-            )
-
-    def read_log(self, app: str, dyno: str | None = None, lines: int = 100) -> list[LogLine]:
-        """The app's last `lines` log lines (of one dyno, if given), oldest first."""
-        sql = "SELECT at, source, dyno, message FROM log_lines WHERE app_id = ?"
-        args: list[object] = [self.app(app).id]
-        if dyno is not None:
-            sql += " AND dyno = ?"
-            args.append(dyno)
-        rows = self._query(sql + " ORDER BY id DESC LIMIT ?", [*args, lines])
-        return [LogLine(**row) for row in reversed(rows)]
+_APP = "id, name, size, created_at, max_size"
 
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _dyno(row: Row) -> DynoRecord:
-    return DynoRecord(
-        app=row["app"],
-        name=row["name"],
-        command=row["command"],
-        size=row["size"],
-        release_version=row["release_version"],
-        attached=bool(row["attached"]),
-        state=row["state"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        ended_at=row["ended_at"],
-        exit_status=row["exit_status"],
-        exit_signal=row["exit_signal"],
-        pid=row["pid"],
-        pid_started=row["pid_started"],
-        node=row["node"],
-    )

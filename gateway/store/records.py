@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.core.protocol import DynoInfo
 
@@ -42,6 +44,8 @@ class App:
     name: str
     size: str
     created_at: float
+    # The largest size its dynos may ask for; None: any configured size.
+    max_size: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,17 @@ class DynoRecord:
     pid_started: int | None = None
     # The node (host) that runs it; "" for dynos recorded before nodes were.
     node: str = ""
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> DynoRecord:
+        return cls(
+            app=row["app"], name=row["name"], command=row["command"], size=row["size"],
+            release_version=row["release_version"], attached=bool(row["attached"]),
+            state=row["state"], created_at=row["created_at"], updated_at=row["updated_at"],
+            ended_at=row["ended_at"], exit_status=row["exit_status"],
+            exit_signal=row["exit_signal"], pid=row["pid"], pid_started=row["pid_started"],
+            node=row["node"],
+        )  # fmt: skip
 
     def info(self) -> DynoInfo:
         """The dyno as clients are told of it."""

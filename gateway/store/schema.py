@@ -154,6 +154,17 @@ MIGRATIONS: list[Step] = [
         ALTER TABLE slug_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
         """,
     ),
+    # v6: each app's own uid (and gid), granted once from [dynos] uid_range and never
+    # again to another app (app_uids keeps every grant, whatever becomes of the app);
+    # the largest size an app's dynos may ask for (the operator's choice).
+    Step("""
+    CREATE TABLE app_uids (
+        uid {bigint} PRIMARY KEY,
+        app_id {bigint} NOT NULL UNIQUE,
+        granted_at {real} NOT NULL
+    );
+    ALTER TABLE apps ADD COLUMN max_size TEXT;
+    """),
 ]
 
 LATEST = len(MIGRATIONS)
