@@ -149,7 +149,7 @@ def test_run_stop_ends_a_dyno_that_traps_term(own_gateway: Gateway) -> None:
     stopped = gw.ssh(app, "run:stop", "run.1")
     assert stopped.returncode == 0
     assert stopped.stdout == f"Stopping run.1 dyno on {app}... done\n".encode()
-    assert wait_until(lambda: "Process exited with status 137" in logs(gw, app), 5)
+    assert wait_until(lambda: "Process exited with status 137" in logs(gw, app), 20)
     text = logs(gw, app)
     assert "heroku[run.1]: Stopping all processes with SIGTERM" in text
     assert "app[run.1]: got TERM" in text
