@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -223,6 +224,19 @@ def own_gateway(tmp_path: Path) -> Iterator[Gateway]:
     gw = _gateway(tmp_path / "gw")
     yield gw
     gw.stop()
+
+
+@pytest.fixture
+def reachable_gateway() -> Iterator[Gateway]:
+    """A gateway of the test's own in a directory every user can enter (pytest's own
+    tmp dirs are 0700), so that only the gateway's modes keep other users out."""
+    root = Path(tempfile.mkdtemp(prefix="gw-reachable-", dir="/tmp"))
+    root.chmod(0o755)
+    gw = _gateway(root / "gw")
+    gw.root.chmod(0o755)
+    yield gw
+    gw.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
