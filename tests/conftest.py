@@ -61,6 +61,8 @@ class Gateway:
     ssh_config: str = ""  # appended to the [ssh] table
     rendezvous_config: str = ""  # appended to the [rendezvous] table
     process: subprocess.Popen[bytes] | None = None
+    # What `gateway serve` is started through (such as systemd-socket-activate ...).
+    launcher: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
     # Set once the running gateway's stderr has reached its end (all of it is in `log`).
     log_ended: threading.Event = field(default_factory=threading.Event)
@@ -100,8 +102,9 @@ class Gateway:
     def start(self) -> None:
         ready = threading.Event()
         self.log_ended = ended = threading.Event()
+        argv = [sys.executable, "-m", "gateway", "--config", str(self.config_path), "serve"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(self.config_path), "serve"],
+            [*self.launcher, *argv],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

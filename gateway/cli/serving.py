@@ -104,11 +104,11 @@ def port_base_arg(parser: argparse.ArgumentParser) -> None:
 @command("_front", argparse.SUPPRESS, port_base_arg)
 def front(args: argparse.Namespace, config: Config) -> int:
     from gateway.front.main import run
+    from gateway.manager.front import BROKER_ENV
 
     _setup_logging()
-    ready = os.environ.pop("GATEWAY_READY_FD", None)
-    lifeline = os.environ.pop("GATEWAY_LIFELINE_FD", None)
-    return run(config, int(ready) if ready else None, int(lifeline) if lifeline else None)
+    broker = os.environ.pop(BROKER_ENV, None)
+    return run(config, int(broker) if broker else None)
 
 
 @command("check", "check config, keys, sandbox, state DB and ports; exit 1 on a problem")
