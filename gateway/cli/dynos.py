@@ -30,6 +30,7 @@ def _shown(text: str) -> str:
     piped (gateway/core/terminal.py)."""
     return escape_controls(text) if sys.stdout.isatty() else text
 
+
 # -- the app log -----------------------------------------------------------------------
 
 

@@ -72,11 +72,16 @@ class PlatformAPI:
         manager: Connector,
         attach_host: str,
         attach_port: int,
+        api_port: int,
     ) -> None:
         self.rendezvous = rendezvous
         self.manager = manager
         self.attach_host = attach_host
         self.attach_port = attach_port
+        # Log sessions are read here: the configured public host, never the client's
+        # Host header (which anyone can set to send a CLI elsewhere).
+        host = f"[{attach_host}]" if ":" in attach_host else attach_host
+        self.log_base = f"http://{host}:{api_port}"
         self._log_sessions: dict[str, LogSession] = {}
 
     async def handle(
@@ -256,7 +261,7 @@ class PlatformAPI:
                 link.close()
 
     async def create_log_session(
-        self, access: Access, _: Any, body: Any, headers: dict[str, str]
+        self, access: Access, _: Any, body: Any, *__: Any
     ) -> tuple[int, Any]:
         name, _created = access.app()
         request = api.parse_log_session(body)
@@ -264,11 +269,10 @@ class PlatformAPI:
         key = hashlib.sha256(secret.encode()).hexdigest()
         self._log_sessions[key] = LogSession(name, request)
         asyncio.get_running_loop().call_later(LOG_SESSION_TTL, self._log_sessions.pop, key, None)
-        host = headers.get("host", "127.0.0.1")
         now = iso_time(time.time())
         return 201, {
             "id": api.stable_id("log-session", key),
-            "logplex_url": f"http://{host}/log-sessions/{secret}",
+            "logplex_url": f"{self.log_base}/log-sessions/{secret}",
             "created_at": now,
             "updated_at": now,
         }

@@ -143,7 +143,8 @@ async def _heroku_listeners(
     )  # fmt: skip
     # attach_url names the port the rendezvous really listens on (systemd may pass it).
     r_port = rendezvous_socks[0].getsockname()[1]
-    platform = PlatformAPI(rendezvous, manager, config.rendezvous.public_host, r_port)
+    a_port = api_socks[0].getsockname()[1]
+    platform = PlatformAPI(rendezvous, manager, config.rendezvous.public_host, r_port, a_port)
     api_gate = Gate(
         "api", limits, observer, start_stream(lambda r, w, p: platform.handle(r, w, p.settle))
     )
