@@ -31,7 +31,14 @@ from gateway.front.imports import freeze_imports
 from gateway.front.link import Connector, ManagerLink, connector
 from gateway.front.observe import Observer, serve_metrics
 from gateway.front.rendezvous import Rendezvous, RendezvousProtocol
-from gateway.front.ssh import ALGORITHMS, GatewayServer, PreAuthLimits, load_host_keys, start_ssh
+from gateway.front.ssh import (
+    ALGORITHMS,
+    GatewayServer,
+    PreAuthLimits,
+    ask_manager,
+    load_host_keys,
+    start_ssh,
+)
 from gateway.front.ssh_session import SessionServices
 from gateway.ipc import ManagerError
 from gateway.privileges import PrivilegeError, drop_privileges, front_user
@@ -63,9 +70,10 @@ async def serve(config: Config, manager: Connector) -> None:
         public_address=config.ssh.public_address,
     )
     limits = PreAuthLimits(config.ssh)
+    check_key = ask_manager(manager)
     _raise_open_files_limit(config)
     options = await asyncssh.SSHServerConnectionOptions.construct(
-        server_factory=lambda: GatewayServer(services, limits),
+        server_factory=lambda: GatewayServer(services, limits, check_key),
         server_host_keys=load_host_keys([key.encode() for key in setup.host_keys]),
         **ALGORITHMS,
         encoding=None,

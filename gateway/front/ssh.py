@@ -15,7 +15,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import asyncssh
@@ -25,7 +25,7 @@ from gateway.core.admission import parse_networks
 from gateway.core.prelimits import Penalized, PenaltyBox
 from gateway.front.channel import adopt
 from gateway.front.gate import Pending, Start, connection_id, feed
-from gateway.front.link import ManagerLink
+from gateway.front.link import Connector, ManagerLink
 from gateway.front.observe import Observer
 from gateway.front.ssh_session import SessionServices, SSHSession
 from gateway.ipc import ManagerError, ManagerRefused
@@ -141,8 +141,25 @@ def start_ssh(options: asyncssh.SSHServerConnectionOptions) -> Start:
     return start
 
 
+# Whether a key (SHA256 fingerprint) may log in to an app: the manager's answer.
+KeyCheck = Callable[[str, str], Awaitable[bool]]
+
+
+def ask_manager(manager: Connector) -> KeyCheck:
+    """Key checks through the manager (the front holds no database)."""
+
+    async def check(app: str, fingerprint: str) -> bool:
+        async with await ManagerLink.open(manager) as link:
+            return await link.check_key(app, fingerprint)
+
+    return check
+
+
 class GatewayServer(asyncssh.SSHServer):
-    def __init__(self, services: SessionServices, limits: PreAuthLimits) -> None:
+    def __init__(
+        self, services: SessionServices, limits: PreAuthLimits, check_key: KeyCheck
+    ) -> None:
+        self.check_key = check_key
         self.services = services
         self.limits = limits
         self.id = "?"
@@ -246,8 +263,7 @@ class GatewayServer(asyncssh.SSHServer):
             self._failed(username, fingerprint, "key refused", f" penalty={penalty:.0f}s")
             return False
         try:
-            async with await ManagerLink.open(self.services.manager) as link:
-                allowed = await link.check_key(username, fingerprint)
+            allowed = await self.check_key(username, fingerprint)
         except ManagerError as exc:
             # Not the client's fault (the database or the manager is down): no failure
             # counted, and it is told why (OpenSSH prints the disconnect message).
