@@ -134,6 +134,26 @@ def test_the_manager_refuses_other_users_on_its_socket(reachable_gateway: Gatewa
     )
 
 
+def test_check_names_the_fronts_user_and_how_to_make_a_missing_one(
+    reachable_gateway: Gateway,
+) -> None:
+    gw = reachable_gateway
+    uid = pwd.getpwnam(FRONT_USER).pw_uid
+    expected = f"ok   front: runs as {FRONT_USER} (uid {uid}), no capabilities"
+    assert expected in gw.cli("check").stdout
+    gw.top_config = '[front]\nuser = "no-such-front-user"\n'
+    gw.write_config()
+    result = gw.cli("check", check=False)
+    hint = "useradd --system --no-create-home --shell /usr/sbin/nologin no-such-front-user"
+    assert result.returncode == 1 and hint in result.stdout
+    serve = gw.cli("serve", check=False)
+    assert serve.returncode == 1
+    assert serve.stderr.splitlines()[-1] == (
+        "gateway: the front's user 'no-such-front-user' ([front] user) does not exist; "
+        f"create it with: {hint}"
+    )
+
+
 def _free_low_port() -> int:
     for port in range(900, 1000):
         with socket.socket() as probe:
@@ -219,3 +239,35 @@ def test_a_socket_passed_without_a_known_name_is_refused_clearly(
         "gateway: sockets passed by systemd: passed socket 1 is named 'sshd': name it "
         "with FileDescriptorName= one of ssh, rendezvous, api, metrics"
     )
+
+
+def test_a_front_started_on_its_own_connects_by_path_and_may_restart(
+    reachable_gateway: Gateway,
+) -> None:
+    """`[front] spawn = false`, as contrib/systemd runs it: the front is its own
+    service, reaches the manager at `[front] socket`, and can restart alone."""
+    gw = reachable_gateway
+    run_dir = gw.root / "run"
+    run_dir.mkdir(mode=0o755)
+    sock = run_dir / "manager.sock"
+    gw.top_config = f'[front]\nspawn = false\nsocket = "{sock}"\n'
+    gw.write_config()
+    app = gw.new_app()
+    gw.start()
+    assert any("waiting for the SSH front" in line for line in gw.log)
+    info = sock.stat()
+    assert (info.st_uid, oct(info.st_mode & 0o777)) == (pwd.getpwnam(FRONT_USER).pw_uid, "0o600")
+    argv = [sys.executable, "-m", "gateway", "--config", str(gw.config_path), "_front"]
+    for attempt in range(2):
+        front = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        try:
+            assert wait_until(lambda: gw.ssh(app, "echo", "up").stdout == b"up\n", 30), attempt
+            assert status(front.pid)["Uid"].split()[0] == str(pwd.getpwnam(FRONT_USER).pw_uid)
+        finally:
+            front.terminate()
+            assert front.wait(30) == 0
+        assert gw.process is not None and gw.process.poll() is None  # the manager lives on
+    front = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    assert wait_until(lambda: gw.ssh(app, "true").returncode == 0, 30)
+    gw.stop()
+    assert front.wait(30) == 0  # the manager gone, its lifeline ends the front

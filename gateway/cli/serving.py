@@ -23,6 +23,7 @@ from gateway.cli.registry import (
 from gateway.config import Config, split_listen
 from gateway.keys import HOST_KEY_NAMES, ensure_host_keys, public_key, write_key_pair
 from gateway.modes import loose, make_private_dir, tighten
+from gateway.privileges import PrivilegeError, front_user
 from gateway.store import open_store
 from gateway.tls import ensure_rendezvous_cert
 
@@ -149,6 +150,7 @@ def check(args: argparse.Namespace, config: Config) -> int:
     results += _check_sizes(config)
     results.append(_check_uid_range(config))
     results.extend(_check_modes(config))
+    results.append(_check_front_user(config))
     logging.disable(logging.WARNING)
     try:
         results.append((True, trio.run(choose_sandbox, config).describe()))
@@ -225,6 +227,17 @@ def _check_state(config: Config) -> tuple[bool, str]:
             store.close()
     except Exception as exc:
         return False, f"state: {where}: {exc}"
+
+
+def _check_front_user(config: Config) -> tuple[bool, str]:
+    """Who the network-facing front will run as (docs/security.md)."""
+    try:
+        user = front_user(config)
+    except PrivilegeError as exc:
+        return False, f"front: {exc}"
+    if user is None:
+        return True, f"front: runs as this user (uid {os.geteuid()}): not started as root"
+    return True, f"front: runs as {user.name} (uid {user.uid}), no capabilities"
 
 
 def database_files(config: Config) -> list[Path]:

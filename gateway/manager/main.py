@@ -69,6 +69,8 @@ async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], No
                     nursery.start_soon(front.run, manager.front_ready, manager.serve_broker)
                     await manager.front_ready.wait()
                 else:
+                    # Its own service starts it (contrib/systemd/gateway-front.service),
+                    # and may stop and start it again while we run.
                     log.info(
                         "waiting for the SSH front (gateway _front) on %s", config.manager_socket
                     )
