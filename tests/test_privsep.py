@@ -257,7 +257,10 @@ def test_a_front_started_on_its_own_connects_by_path_and_may_restart(
     assert any("waiting for the SSH front" in line for line in gw.log)
     info = sock.stat()
     assert (info.st_uid, oct(info.st_mode & 0o777)) == (pwd.getpwnam(FRONT_USER).pw_uid, "0o600")
-    argv = [sys.executable, "-m", "gateway", "--config", str(gw.config_path), "_front"]
+    # In a network namespace of its own, as PrivateNetwork=yes runs it: the front makes
+    # no network socket, it serves those it is handed.
+    argv = ["unshare", "--net", sys.executable, "-m", "gateway", "--config",
+            str(gw.config_path), "_front"]  # fmt: skip
     for attempt in range(2):
         front = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
         try:
