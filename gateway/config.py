@@ -162,6 +162,10 @@ class SlugSettings:
 class LogSettings:
     # Heroku keeps an app's last 1500 log lines.
     lines_per_app: int = 1500
+    # What one dyno may add to the app log each second (a burst of that size passes);
+    # past it lines are dropped and counted (error L12, docs/cli.md).
+    rate_lines: int = 100
+    rate_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)

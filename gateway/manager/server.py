@@ -79,7 +79,7 @@ class Manager:
         self.sandbox = sandbox
         self.kit = kit
         self.front_user = front_user
-        self.applog = AppLog(store, config.logs.lines_per_app)
+        self.applog = AppLog(store, config.logs)
         self.audit = AuditLog(config.audit_path)
         self.dynos = Supervisor(config, store, sandbox, self.applog, self.audit)
         # Set while a front that has its kit says it accepts connections.
