@@ -23,12 +23,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` and `gateway` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import concurrency, dynostart, latency, proc, report, throughput
+from bench import concurrency, dynostart, flood, latency, proc, report, throughput
 from bench.rows import Row
 from bench.servers import REPO, Gateway, Server, Sshd, client_key
 from bench.util import MB, say
 
-SECTIONS = ("latency", "keystrokes", "throughput", "start", "concurrency")
+SECTIONS = ("latency", "keystrokes", "throughput", "start", "flood", "concurrency")
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,9 @@ def measure(
     if "start" in sections:
         say("dyno start against release size")
         rows += dynostart.rows(sshd, gateway, settings.start_sizes_mb, settings.start_reps, work)
+    if "flood" in sections:
+        say("session start under a log flood")
+        rows += flood.rows(gateway, settings.fresh)
     if "concurrency" in sections:
         say("concurrency (both servers restarted, for a clean baseline)")
         for server in servers:

@@ -162,6 +162,10 @@ class SlugSettings:
 class LogSettings:
     # Heroku keeps an app's last 1500 log lines.
     lines_per_app: int = 1500
+    # What one dyno may add to the app log each second (a burst of that size passes);
+    # past it lines are dropped and counted (error L12, docs/cli.md).
+    rate_lines: int = 100
+    rate_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,21 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class FrontSettings:
+    # The user the network-facing front runs as when the gateway starts as root (no
+    # capabilities, no_new_privs, a syscall filter; docs/security.md). It must exist:
+    # useradd --system --no-create-home --shell /usr/sbin/nologin gateway-front.
+    # Started as another user, the gateway runs both processes as that user.
+    user: str = "gateway-front"
+    # true: `gateway serve` starts the front itself. false: the front is started on its
+    # own (`gateway _front`, contrib/systemd/gateway-front.service) and connects to `socket`.
+    spawn: bool = True
+    # The manager's socket, for a front started on its own and for the admin CLI;
+    # "" is STATE_DIR/manager.sock. A front started on its own needs one it can reach.
+    socket: str = ""
+
+
+@dataclass(frozen=True)
 class ShutdownSettings:
     # On SIGTERM: seconds attached sessions may take to end before they are hung up.
     drain_timeout: int = 10
@@ -217,6 +236,7 @@ class Config:
     audit: AuditSettings = field(default_factory=AuditSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
+    front: FrontSettings = field(default_factory=FrontSettings)
     source: str = "<defaults>"
 
     @property
@@ -241,7 +261,7 @@ class Config:
 
     @property
     def manager_socket(self) -> Path:
-        return self.state_dir / "manager.sock"
+        return Path(self.front.socket) if self.front.socket else self.state_dir / "manager.sock"
 
 
 def split_listen(value: str) -> tuple[str, int]:
@@ -360,6 +380,11 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
             raise ConfigError(f"{source}: 'ssh.{key}': {exc}") from None
     if config.audit.path:
         config = replace(config, audit=AuditSettings(str((base / config.audit.path).resolve())))
+    if config.front.socket:
+        socket_path = str((base / config.front.socket).resolve())
+        config = replace(config, front=replace(config.front, socket=socket_path))
+    if config.front.user in ("", "root"):
+        raise ConfigError(f"{source}: 'front.user' must name an unprivileged user")
     return replace(
         config,
         state_dir=(base / config.state_dir).resolve(),

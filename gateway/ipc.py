@@ -10,9 +10,15 @@ import array
 import os
 import socket
 
-from gateway.core.protocol import MAX_PACKET, Conversation, Message, RemoteProtocolError
+from gateway.core.protocol import (
+    MAX_LISTENERS,
+    MAX_PACKET,
+    Conversation,
+    Message,
+    RemoteProtocolError,
+)
 
-MAX_FDS = 4
+MAX_FDS = 1 + MAX_LISTENERS  # FrontSetup's: the audit trail and the listeners
 ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 RECV_SIZE = MAX_PACKET
 

@@ -362,7 +362,7 @@ def _place(
             if count > room:
                 raise SlugRefused(f"slug too big: {target.name!r} unpacks past the size limit")
             out.write(chunk)
-        os.fchmod(out.fileno(), 0o555 if target.mode & 0o111 else 0o444)
+        os.fchmod(out.fileno(), 0o500 if target.mode & 0o111 else 0o400)
     return count
 
 
@@ -384,9 +384,10 @@ def _load_procfile(root: Path) -> dict[str, str]:
 
 
 def _seal(root: Path) -> None:
-    """Make every directory read-only (0o555); files were sealed as they were written."""
+    """Make every directory read-only (0o500); files were sealed as they were written.
+    Only the gateway's user reads a release: a dyno sees its own copy (a view, or /app)."""
     for top, _, _ in os.walk(root, topdown=False):
-        os.chmod(top, 0o555)
+        os.chmod(top, 0o500)
 
 
 def import_release(

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -60,6 +61,8 @@ class Gateway:
     ssh_config: str = ""  # appended to the [ssh] table
     rendezvous_config: str = ""  # appended to the [rendezvous] table
     process: subprocess.Popen[bytes] | None = None
+    # What `gateway serve` is started through (such as systemd-socket-activate ...).
+    launcher: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
     # Set once the running gateway's stderr has reached its end (all of it is in `log`).
     log_ended: threading.Event = field(default_factory=threading.Event)
@@ -99,8 +102,9 @@ class Gateway:
     def start(self) -> None:
         ready = threading.Event()
         self.log_ended = ended = threading.Event()
+        argv = [sys.executable, "-m", "gateway", "--config", str(self.config_path), "serve"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(self.config_path), "serve"],
+            [*self.launcher, *argv],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -223,6 +227,19 @@ def own_gateway(tmp_path: Path) -> Iterator[Gateway]:
     gw = _gateway(tmp_path / "gw")
     yield gw
     gw.stop()
+
+
+@pytest.fixture
+def reachable_gateway() -> Iterator[Gateway]:
+    """A gateway of the test's own in a directory every user can enter (pytest's own
+    tmp dirs are 0700), so that only the gateway's modes keep other users out."""
+    root = Path(tempfile.mkdtemp(prefix="gw-reachable-", dir="/tmp"))
+    root.chmod(0o755)
+    gw = _gateway(root / "gw")
+    gw.root.chmod(0o755)
+    yield gw
+    gw.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

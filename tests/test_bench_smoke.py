@@ -31,6 +31,7 @@ def test_quick_bench_prints_a_ratio_per_row(tmp_path: Path) -> None:
     sections = {row["section"] for row in rows}
     assert sections == {
         "session latency", "keystroke echo", "throughput", "dyno start", "concurrency",
+        "log flood",
     }  # fmt: skip
     table = [line for line in result.stdout.splitlines() if line.startswith(tuple(sections))]
     assert len(table) == len(rows)

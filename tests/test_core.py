@@ -20,6 +20,7 @@ from gateway.core.names import (
     parse_dyno_name,
 )
 from gateway.core.protocol import Pty
+from gateway.core.terminal import escape_controls
 
 
 @pytest.mark.parametrize("name", ["abc", "my-app-2", "a" * 30])
@@ -125,3 +126,13 @@ def test_a_private_key_is_refused_as_such(tmp_path: Path, keygen: list[str]) -> 
     with pytest.raises(BadKey, match=r"^this is a private key.*give the public key"):
         parse_text(key.read_text())
     assert parse_text((tmp_path / "id.pub").read_text())  # its public half is fine
+
+
+def test_control_characters_are_escaped_for_a_terminal() -> None:
+    title = "\x1b]0;pwned\x07"
+    clipboard = "\x1b]52;c;ZXZpbA==\x1b\\"
+    assert escape_controls(f"{title}hi") == "\\x1b]0;pwned\\x07hi"
+    assert escape_controls(clipboard) == "\\x1b]52;c;ZXZpbA==\\x1b\\"
+    assert escape_controls("\x1b[2J\r\n\x00\x7f\x9b") == "\\x1b[2J\\x0d\\x0a\\x00\\x7f\\x9b"
+    plain = "tab\tstays, so do ünïcödé and \\ backslashes"
+    assert escape_controls(plain) == plain

@@ -283,3 +283,21 @@ def test_a_command_too_long_for_exec_gets_an_http_error_not_a_drop(heroku: Herok
     body = {"command": "echo " + "x" * 600_000, "attach": False}
     status, answer = heroku.api("POST", f"/apps/{heroku.app}/dynos", body)
     assert status == 400 and "too large" in answer["message"]  # type: ignore[index]
+
+
+def test_logplex_url_names_the_configured_host_whatever_the_host_header(heroku: Heroku) -> None:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{heroku.gateway.api_port}/apps/{heroku.app}/log-sessions",
+        method="POST",
+        data=json.dumps({"lines": 5}).encode(),
+        headers={
+            "Authorization": f"Bearer {heroku.token}",
+            "Content-Type": "application/json",
+            "Host": "attacker.example:80",  # a client could send a CLI anywhere with this
+        },
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        url = json.loads(response.read())["logplex_url"]
+    assert url.startswith(f"http://127.0.0.1:{heroku.gateway.api_port}/log-sessions/")
+    with urllib.request.urlopen(url, timeout=30) as stream:  # and it works
+        assert stream.status == 200

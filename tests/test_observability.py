@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import urllib.request
 
+import pexpect
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Gateway, wait_until
@@ -76,3 +78,25 @@ def test_metrics_parse_and_count_a_session(gateway: Gateway) -> None:
     admitted = 'gateway_connections_total{"outcome": "admitted"}'
     assert after[admitted] >= before.get(admitted, 0) + 1
     assert after["gateway_dyno_start_seconds_count{}"] >= 1
+
+
+def test_gateway_logs_and_ps_escape_a_dynos_terminal_codes_on_a_terminal(
+    gateway: Gateway,
+) -> None:
+    app = gateway.new_app()
+    # The codes themselves are in the command, so both its output and ps show them.
+    codes = "\x1b]0;pwned\x07 and a clear \x1b[2J"
+    assert gateway.ssh(app, "run:detached", f"printf '{codes}\\n'; sleep 30").returncode == 0
+    raw = codes.encode()
+    assert wait_until(lambda: raw in gateway.cli("logs", app).stdout.encode(), 15)  # piped: raw
+    argv = [sys.executable, "-m", "gateway", "--config", str(gateway.config_path)]
+    for command, escaped in (
+        ("logs", b"\\x1b]0;pwned\\x07 and a clear \\x1b[2J"),
+        ("ps", b"printf '\\x1b]0;pwned\\x07"),  # the command as ps shows it
+    ):
+        terminal = pexpect.spawn(argv[0], [*argv[1:], command, app], timeout=30)
+        terminal.expect(pexpect.EOF)
+        seen = terminal.before
+        assert escaped in seen, seen
+        assert b"\x1b" not in seen and b"\x07" not in seen
+    gateway.ssh(app, "run:stop", "run.1")

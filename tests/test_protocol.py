@@ -93,7 +93,16 @@ def test_a_reserved_run_waits_for_attach() -> None:
 
 @pytest.mark.parametrize(
     "request_",
-    [run(), run(await_attach=True), p.Stop("shop", "run.1"), p.Logs("shop"), p.ListDynos("shop")],
+    [
+        run(),
+        run(await_attach=True),
+        p.Stop("shop", "run.1"),
+        p.Logs("shop"),
+        p.ListDynos("shop"),
+        p.CheckKey("shop", "SHA256:x"),
+        p.Authorize("t0ken"),
+        p.FrontHello(),
+    ],
     ids=lambda r: r.kind,
 )
 def test_any_request_may_be_refused_and_that_ends_it(request_: p.Message) -> None:
@@ -129,6 +138,53 @@ def test_stop_and_list_get_one_answer() -> None:
     answer = p.DynoList((dyno("run.1"), dyno("run.2")))
     assert listing.down(answer) == answer
     assert listing.phases == (p.Phase.DONE, p.Phase.DONE)
+
+
+def test_key_checks_and_authorizations_get_one_answer() -> None:
+    check = Pair()
+    check.up(p.CheckKey("shop", "SHA256:abc"))
+    assert check.down(p.KeyChecked(allowed=True)) == p.KeyChecked(True)
+    assert check.phases == (p.Phase.DONE, p.Phase.DONE)
+    auth = Pair()
+    assert auth.up(p.Authorize("t0ken", app="shop")) == p.Authorize("t0ken", "shop")
+    answer = p.Authorized(valid=True, apps=("blog", "shop"), app_created_at=12.5)
+    assert auth.down(answer) == answer  # the apps come back a tuple, as sent
+    with pytest.raises(p.LocalProtocolError, match="apps must be a list of strings"):
+        p.Authorized(valid=True, apps=["shop"])  # type: ignore[arg-type]
+
+
+def setup(listeners: tuple[str, ...] = ("ssh", "api")) -> p.FrontSetup:
+    return p.FrontSetup(listeners, ("-----BEGIN OPENSSH PRIVATE KEY-----\n...",), "cert", "key")
+
+
+def test_the_front_setup_carries_the_audit_trail_and_one_socket_per_listener() -> None:
+    pair = Pair()
+    pair.up(p.FrontHello())
+    with pytest.raises(p.LocalProtocolError, match="front_setup came with 2 descriptors, not 3"):
+        p.Conversation(p.Role.SERVER, p.Phase.AWAIT_SETUP).send(setup(), fds=2)
+    assert pair.down(setup(), fds=3) == setup()
+    with pytest.raises(p.LocalProtocolError, match="may not send front_hello while setting"):
+        pair.client.send(p.FrontHello())
+    pair.up(p.FrontReady())
+    # From here the connection is the front's lifeline: nobody says anything more.
+    assert pair.phases == (p.Phase.FRONT_UP, p.Phase.FRONT_UP)
+    for message in (p.FrontReady(), p.Signal("INT"), p.Logs("shop")):
+        with pytest.raises(p.LocalProtocolError, match="while front up"):
+            p.Conversation(p.Role.CLIENT, p.Phase.FRONT_UP).send(message)
+
+
+@pytest.mark.parametrize(
+    ("build", "words"),
+    [
+        (lambda: setup(("ssh", "telnet")), "unknown listener 'telnet'"),
+        (lambda: setup(("ssh",) * 13), "listeners holds more than 12"),
+        (lambda: p.FrontSetup(("ssh",), ()), "host_keys must hold from 1 to 8 keys"),
+        (lambda: p.FrontSetup(("ssh",), ("k" * (p.MAX_SECRET + 1),)), "host key is over"),
+    ],
+)
+def test_a_front_setup_is_checked_when_built(build: object, words: str) -> None:
+    with pytest.raises(p.LocalProtocolError, match=words):
+        build()  # type: ignore[operator]
 
 
 def test_the_front_sends_one_request_and_only_what_it_allows() -> None:

@@ -121,10 +121,10 @@ def test_good_slug_unpacks_read_only(tmp_path: Path, releases: Path) -> None:
     def mode(rel: str) -> int:
         return stat.S_IMODE(os.lstat(dest / rel).st_mode)
 
-    assert mode("bin/run") == 0o555
-    assert mode("README") == 0o444
-    assert mode("Procfile") == 0o444
-    assert {mode(d) for d in [".", "bin", "lib", "deep", "deep/nested"]} == {0o555}
+    assert mode("bin/run") == 0o500
+    assert mode("README") == 0o400
+    assert mode("Procfile") == 0o400
+    assert {mode(d) for d in [".", "bin", "lib", "deep", "deep/nested"]} == {0o500}
 
     remove_tree(dest)
     assert list(releases.iterdir()) == []

@@ -19,9 +19,11 @@ from typing import Any
 import asyncssh
 import pytest
 
+from gateway.audit import AuditLog
 from gateway.config import SSHSettings
 from gateway.front.attached import AttachedSessions
 from gateway.front.gate import Pending
+from gateway.front.link import PathConnector
 from gateway.front.observe import Observer
 from gateway.front.ssh import GatewayServer, PreAuthLimits
 from gateway.front.ssh_session import SessionServices
@@ -348,23 +350,32 @@ def _front(
             store.create_app(app)
         store.add_key(app, fingerprint, "ssh-ed25519 AAAA", "")
     services = SessionServices(
-        manager_socket=tmp_path / "manager.sock",
+        manager=PathConnector(tmp_path / "manager.sock"),
         banner=False,
         idle_timeout=0,
         sessions=AttachedSessions(),
-        observer=Observer(tmp_path / "audit.jsonl"),
+        observer=Observer(AuditLog(tmp_path / "audit.jsonl")),
     )
+
+    async def check_key(app: str, fingerprint: str) -> bool:
+        return store.has_key(app, fingerprint)  # what the manager answers CheckKey with
+
     settled: list[str] = []
     ids = iter(range(1, 1000))
 
     def connect(source: str = "192.0.2.7", spoke: bool = True) -> tuple[GatewayServer, _FakeConn]:
         pending = Pending(f"c{next(ids)}", source, (source, 40000), 0.0, settled.append)
-        server = GatewayServer(store, services, limits)
+        server = GatewayServer(services, limits, check_key)
         conn = _FakeConn(source, pending, spoke)
         server.connection_made(conn)  # type: ignore[arg-type]
         return server, conn
 
     return limits, clock, connect, settled
+
+
+def valid(server: GatewayServer, app: str, key: asyncssh.SSHKey) -> bool:
+    """asyncssh's question, answered as asyncssh awaits it."""
+    return asyncio.run(server.validate_public_key(app, key))
 
 
 _GOOD, _BAD = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
@@ -376,24 +387,24 @@ def test_each_refused_key_is_one_failure_and_the_limit_disconnects_once(tmp_path
     server, conn = connect()
     server.begin_auth("app")
     for _ in range(2):
-        assert not server.validate_public_key("app", _BAD)
-    assert not server.validate_public_key("nope", _GOOD)  # unknown app: the same failure
+        assert not valid(server, "app", _BAD)
+    assert not valid(server, "nope", _GOOD)  # unknown app: the same failure
     assert conn.disconnects == [
         (asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
     ]
     # Whatever comes after is refused, the right key too, with no second disconnect.
-    assert not server.validate_public_key("app", _GOOD)
+    assert not valid(server, "app", _GOOD)
     assert len(conn.disconnects) == 1
 
 
 def test_a_key_query_and_its_signature_are_not_failures(tmp_path: Path) -> None:
     _, _, connect, _ = _front(tmp_path, {"max_auth_tries": 2}, {("app", _GOOD_FP)})
     server, conn = connect()
-    assert server.validate_public_key("app", _GOOD)  # the query
-    assert server.validate_public_key("app", _GOOD)  # the signature
+    assert valid(server, "app", _GOOD)  # the query
+    assert valid(server, "app", _GOOD)  # the signature
     assert server._failures == 0
     # A third look at the same key: its signature failed; counted, answer unchanged.
-    assert server.validate_public_key("app", _GOOD)
+    assert valid(server, "app", _GOOD)
     assert server._failures == 1 and not conn.disconnects
 
 
@@ -403,7 +414,7 @@ def test_admission_settles_once_and_failures_penalize(tmp_path: Path) -> None:
     )
     first, _ = connect()
     assert first.id == "c1" and first.source == "192.0.2.7"
-    first.validate_public_key("app", _GOOD)
+    valid(first, "app", _GOOD)
     first.auth_completed()
     first.connection_lost(None)
     assert settled == ["c1"]  # at auth, once
@@ -414,13 +425,13 @@ def test_admission_settles_once_and_failures_penalize(tmp_path: Path) -> None:
     # The same wrong key twice: that key is penalized from there, the address is not.
     for _ in range(2):
         server, _ = connect()
-        server.validate_public_key("app", _BAD)
+        valid(server, "app", _BAD)
         server.connection_lost(None)
     assert limits.refusal("192.0.2.7") is None
     assert limits.key_refused("192.0.2.7", f"app {_BAD.get_fingerprint('sha256')}") == 60
     retry, _ = connect()
-    assert not retry.validate_public_key("app", _BAD)
-    assert retry.validate_public_key("app", _GOOD)  # the right key is still looked at
+    assert not valid(retry, "app", _BAD)
+    assert valid(retry, "app", _GOOD)  # the right key is still looked at
     retry.connection_lost(None)
     # Two connections that spoke SSH and tried no key: the address is penalized.
     for _ in range(2):

@@ -15,6 +15,7 @@ from gateway.cli import admin, dynos, serving  # noqa: F401 (they register comma
 from gateway.cli.registry import COMMANDS, Handler, UserError
 from gateway.config import ConfigError
 from gateway.core.names import InvalidName
+from gateway.modes import private_umask
 from gateway.store import StoreError, StoreUnavailable
 
 
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything is written: state, keys and logs are the gateway's user's alone.
+    private_umask()
     args = build_parser().parse_args(argv)
     try:
         config = config_module.load(args.config)

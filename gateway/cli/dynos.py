@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 
 from gateway.cli.registry import (
@@ -22,6 +22,14 @@ from gateway.config import Config
 from gateway.core import sizes
 from gateway.core.commands import dyno_json, format_ps
 from gateway.core.protocol import Dropped, LogLines, Logs, Stop
+from gateway.core.terminal import escape_controls
+
+
+def _shown(text: str) -> str:
+    """Text from a dyno as this command prints it: escaped on a terminal, raw when
+    piped (gateway/core/terminal.py)."""
+    return escape_controls(text) if sys.stdout.isatty() else text
+
 
 # -- the app log -----------------------------------------------------------------------
 
@@ -37,12 +45,12 @@ from gateway.core.protocol import Dropped, LogLines, Logs, Stop
 def logs(args: argparse.Namespace, config: Config) -> int:
     if not args.tail:
         for logged in _store(config).read_log(args.app, dyno=args.dyno, lines=args.num):
-            print(logged.format())
+            print(_shown(logged.format()))
         return 0
     for message in _manager(config, Logs(args.app, args.dyno, args.num, tail=True)):
         if isinstance(message, LogLines):
             for line in message.lines:
-                print(line, flush=True)
+                print(_shown(line), flush=True)
         elif isinstance(message, Dropped):
             print(f"gateway: {message.count} log lines dropped", file=sys.stderr)
     return 0
@@ -57,7 +65,8 @@ def ps(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         _print_json([dyno_json(row) for row in rows])
     else:
-        print(format_ps(rows, time.time()), end="")
+        shown = [replace(row, command=_shown(row.command)) for row in rows]
+        print(format_ps(shown, time.time()), end="")
     return 0
 
 

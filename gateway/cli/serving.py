@@ -22,6 +22,8 @@ from gateway.cli.registry import (
 )
 from gateway.config import Config, split_listen
 from gateway.keys import HOST_KEY_NAMES, ensure_host_keys, public_key, write_key_pair
+from gateway.modes import loose, make_private_dir, tighten
+from gateway.privileges import PrivilegeError, front_user
 from gateway.store import open_store
 from gateway.tls import ensure_rendezvous_cert
 
@@ -64,7 +66,10 @@ def _start(
     from gateway.manager.main import run
 
     _setup_logging()
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(config.state_dir)
+    make_private_dir(config.keys_dir)
+    for path in database_files(config):
+        tighten(path)
     for path in ensure_host_keys(config.keys_dir):
         key = public_key(path)
         print(f"host key {key.key_type} {key.fingerprint}", file=sys.stderr)
@@ -100,11 +105,11 @@ def port_base_arg(parser: argparse.ArgumentParser) -> None:
 @command("_front", argparse.SUPPRESS, port_base_arg)
 def front(args: argparse.Namespace, config: Config) -> int:
     from gateway.front.main import run
+    from gateway.manager.front import BROKER_ENV
 
     _setup_logging()
-    ready = os.environ.pop("GATEWAY_READY_FD", None)
-    lifeline = os.environ.pop("GATEWAY_LIFELINE_FD", None)
-    return run(config, int(ready) if ready else None, int(lifeline) if lifeline else None)
+    broker = os.environ.pop(BROKER_ENV, None)
+    return run(config, int(broker) if broker else None)
 
 
 @command("check", "check config, keys, sandbox, state DB and ports; exit 1 on a problem")
@@ -144,6 +149,8 @@ def check(args: argparse.Namespace, config: Config) -> int:
     results.append(_check_state(config))
     results += _check_sizes(config)
     results.append(_check_uid_range(config))
+    results.extend(_check_modes(config))
+    results.append(_check_front_user(config))
     logging.disable(logging.WARNING)
     try:
         results.append((True, trio.run(choose_sandbox, config).describe()))
@@ -220,6 +227,34 @@ def _check_state(config: Config) -> tuple[bool, str]:
             store.close()
     except Exception as exc:
         return False, f"state: {where}: {exc}"
+
+
+def _check_front_user(config: Config) -> tuple[bool, str]:
+    """Who the network-facing front will run as (docs/security.md)."""
+    try:
+        user = front_user(config)
+    except PrivilegeError as exc:
+        return False, f"front: {exc}"
+    if user is None:
+        return True, f"front: runs as this user (uid {os.geteuid()}): not started as root"
+    return True, f"front: runs as {user.name} (uid {user.uid}), no capabilities"
+
+
+def database_files(config: Config) -> list[Path]:
+    """The SQLite database and its WAL files (none with PostgreSQL)."""
+    if config.database_url:
+        return []
+    return [config.db_path.with_name(config.db_path.name + end) for end in ("", "-wal", "-shm")]
+
+
+def _check_modes(config: Config) -> list[tuple[bool, str]]:
+    """A FAIL line for each part of the state other users could read or enter: the two
+    roots, the database, the audit trail and what keys_dir holds (docs/security.md)."""
+    paths = [config.state_dir, config.keys_dir, *database_files(config), config.audit_path]
+    if config.keys_dir.is_dir():
+        paths += sorted(config.keys_dir.iterdir())
+    problems = [(False, f"modes: {problem}") for path in paths if (problem := loose(path))]
+    return problems or [(True, "modes: state_dir, keys_dir and the database are private")]
 
 
 @command("db:migrate", "create or upgrade the state database's schema; prints its version")

@@ -47,14 +47,9 @@ class LineSplitter:
         self._partial = bytearray()
 
     def feed(self, data: bytes) -> list[str]:
-        self._partial += data
-        lines = []
-        while True:
-            end = self._partial.find(b"\n")
-            if end < 0:
-                break
-            lines.extend(self._pieces(bytes(self._partial[:end])))
-            del self._partial[: end + 1]
+        *complete, rest = (bytes(self._partial) + data).split(b"\n")
+        lines = [piece for line in complete for piece in self._pieces(line)]
+        self._partial = bytearray(rest)
         while len(self._partial) >= MAX_LINE:
             lines.append(self._decode(bytes(self._partial[:MAX_LINE])))
             del self._partial[:MAX_LINE]

@@ -23,10 +23,9 @@ import h11
 from gateway.core import platform_api as api
 from gateway.core import protocol as p
 from gateway.core.commands import iso_time
-from gateway.front.link import ManagerLink
+from gateway.front.link import Connector, ManagerLink
 from gateway.front.rendezvous import PendingAttach, Rendezvous
 from gateway.ipc import ManagerError, ManagerRefused, ManagerUnavailable
-from gateway.store import UNAVAILABLE_MESSAGE, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,23 @@ class LogSession:
     request: api.LogSessionRequest
 
 
+@dataclass(frozen=True)
+class Access:
+    """What a request's token may use: its apps, and the app its path names (the
+    manager's answer: this front holds no database)."""
+
+    apps: list[str]
+    app_name: str | None
+    app_created_at: float | None
+
+    def app(self) -> tuple[str, float]:
+        """The app in the path, if this token may use it; the same 404 whether or not
+        it exists."""
+        if self.app_name is None or self.app_created_at is None:
+            raise api.app_not_found()
+        return self.app_name, self.app_created_at
+
+
 class Response(Exception):
     """A finished JSON answer, raised from anywhere in a handler."""
 
@@ -52,17 +68,20 @@ class Response(Exception):
 class PlatformAPI:
     def __init__(
         self,
-        store: Store,
         rendezvous: Rendezvous,
-        manager_socket: Any,
+        manager: Connector,
         attach_host: str,
         attach_port: int,
+        api_port: int,
     ) -> None:
-        self.store = store
         self.rendezvous = rendezvous
-        self.manager_socket = manager_socket
+        self.manager = manager
         self.attach_host = attach_host
         self.attach_port = attach_port
+        # Log sessions are read here: the configured public host, never the client's
+        # Host header (which anyone can set to send a CLI elsewhere).
+        host = f"[{attach_host}]" if ":" in attach_host else attach_host
+        self.log_base = f"http://{host}:{api_port}"
         self._log_sessions: dict[str, LogSession] = {}
 
     async def handle(
@@ -134,84 +153,81 @@ class PlatformAPI:
             if name == "log_stream":
                 await self.log_stream(conn, writer, reader, params["secret"], authenticated)
                 return True
-            apps = self._authorize(headers)
+            access = await self._authorize(headers, params.get("app"))
             authenticated()
             payload = json.loads(body) if body.strip() else None
             handler = getattr(self, name)
-            status, answer = await handler(apps, params, payload, headers)
+            status, answer = await handler(access, params, payload, headers)
         except api.APIError as exc:
             status, answer = exc.status, exc.body()
         except json.JSONDecodeError:
             status, answer = 400, {"id": "bad_request", "message": "The body is not JSON."}
         except ManagerUnavailable:
             status, answer = 503, {"id": "unavailable", "message": "The dyno manager is down."}
+        except ManagerRefused as exc:  # what the handlers do not answer themselves
+            log.error("api %s %s failed: %s", method, path.split("?")[0], exc)
+            status, answer = 503, {"id": "unavailable", "message": str(exc)}
         except ManagerError:
             status, answer = 503, {"id": "unavailable", "message": "The dyno manager went away."}
-        except StoreUnavailable as exc:
-            log.error("api %s %s failed: %s", method, path.split("?")[0], exc)
-            status, answer = 503, {"id": "unavailable", "message": UNAVAILABLE_MESSAGE}
         log.info("api %s %s status=%d", method, path.split("?")[0], status)
         await _send_json(conn, writer, status, answer)
         return False
 
-    def _authorize(self, headers: dict[str, str]) -> list[str]:
+    async def _authorize(self, headers: dict[str, str], app: str | None) -> Access:
         token = api.bearer_token(headers.get("authorization"))
-        apps = self.store.token_apps(token) if token else None
-        if apps is None:
+        if not token:
             raise api.unauthorized()
-        return apps
-
-    def _app(self, apps: list[str], name: str) -> Any:
-        """The app, if this token may use it; the same 404 whether or not it exists."""
-        app = self.store.get_app(name) if name in apps else None
-        if app is None:
-            raise api.app_not_found()
-        return app
+        try:
+            async with await ManagerLink.open(self.manager) as link:
+                answer = await link.authorize(token, app)
+        except p.LocalProtocolError:  # a token no store could hold (too long, a NUL)
+            raise api.unauthorized() from None
+        if not answer.valid:
+            raise api.unauthorized()
+        return Access(list(answer.apps), app, answer.app_created_at)
 
     @staticmethod
-    def _account_id(apps: list[str]) -> str:
-        return api.stable_id("account", *apps)
+    def _account_id(access: Access) -> str:
+        return api.stable_id("account", *access.apps)
 
     # -- handlers: (apps the token may use, path params, JSON body, headers) -----------
 
-    async def account(self, apps: list[str], *_: Any) -> tuple[int, Any]:
-        return 200, api.account_body(self._account_id(apps))
+    async def account(self, access: Access, *_: Any) -> tuple[int, Any]:
+        return 200, api.account_body(self._account_id(access))
 
-    async def app(self, apps: list[str], params: dict[str, str], *_: Any) -> tuple[int, Any]:
-        app = self._app(apps, params["app"])
-        return 200, api.app_body(app.name, app.created_at, self._account_id(apps))
+    async def app(self, access: Access, *_: Any) -> tuple[int, Any]:
+        name, created_at = access.app()
+        return 200, api.app_body(name, created_at, self._account_id(access))
 
-    async def list_dynos(self, apps: list[str], params: dict[str, str], *_: Any) -> tuple[int, Any]:
-        app = self._app(apps, params["app"])
-        async with await ManagerLink.open(self.manager_socket) as link:
-            dynos = await link.list_dynos(app.name)
-        return 200, [api.dyno_body(app.name, dyno) for dyno in dynos]
+    async def list_dynos(self, access: Access, *_: Any) -> tuple[int, Any]:
+        name, _created = access.app()
+        async with await ManagerLink.open(self.manager) as link:
+            dynos = await link.list_dynos(name)
+        return 200, [api.dyno_body(name, dyno) for dyno in dynos]
 
-    async def get_dyno(self, apps: list[str], params: dict[str, str], *_: Any) -> tuple[int, Any]:
-        app = self._app(apps, params["app"])
-        async with await ManagerLink.open(self.manager_socket) as link:
-            dynos = await link.list_dynos(app.name, params["dyno"])
+    async def get_dyno(self, access: Access, params: dict[str, str], *_: Any) -> tuple[int, Any]:
+        name, _created = access.app()
+        async with await ManagerLink.open(self.manager) as link:
+            dynos = await link.list_dynos(name, params["dyno"])
         if not dynos:
             raise api.dyno_not_found()
-        return 200, api.dyno_body(app.name, dynos[0])
+        return 200, api.dyno_body(name, dynos[0])
 
-    async def stop_dyno(self, apps: list[str], params: dict[str, str], *_: Any) -> tuple[int, Any]:
-        app = self._app(apps, params["app"])
-        async with await ManagerLink.open(self.manager_socket) as link:
+    async def stop_dyno(self, access: Access, params: dict[str, str], *_: Any) -> tuple[int, Any]:
+        name, _created = access.app()
+        async with await ManagerLink.open(self.manager) as link:
             try:
-                await link.stop(app.name, params["dyno"])
+                await link.stop(name, params["dyno"])
             except ManagerRefused:
                 raise api.dyno_not_found() from None
         return 202, {}
 
-    async def create_dyno(
-        self, apps: list[str], params: dict[str, str], body: Any, *_: Any
-    ) -> tuple[int, Any]:
-        app = self._app(apps, params["app"])
+    async def create_dyno(self, access: Access, _: Any, body: Any, *__: Any) -> tuple[int, Any]:
+        name, _created = access.app()
         create = api.parse_dyno_create(body)
         try:
             run = p.Run(
-                app=app.name,
+                app=name,
                 command=create.command,
                 connection="api",
                 pty=p.Pty(*create.terminal) if create.terminal else None,
@@ -223,7 +239,7 @@ class PlatformAPI:
             )
         except p.LocalProtocolError as exc:
             raise api.APIError(422, "invalid_params", str(exc)) from None
-        link = await ManagerLink.open(self.manager_socket)
+        link = await ManagerLink.open(self.manager)
         keep_link = False
         try:
             try:
@@ -235,31 +251,28 @@ class PlatformAPI:
                 raise api.APIError(422, "invalid_params", str(exc)) from None
             attach_url = None
             if create.attach:
-                secret = self.rendezvous.add(PendingAttach(app.name, dyno, link, run.pty))
+                secret = self.rendezvous.add(PendingAttach(name, dyno, link, run.pty))
                 keep_link = True
                 attach_url = f"rendezvous://{self.attach_host}:{self.attach_port}/{secret}"
-            log.info(
-                "api dyno created app=%s dyno=%s attach=%s", app.name, dyno.name, create.attach
-            )
-            return 201, api.dyno_body(app.name, dyno, attach_url)
+            log.info("api dyno created app=%s dyno=%s attach=%s", name, dyno.name, create.attach)
+            return 201, api.dyno_body(name, dyno, attach_url)
         finally:
             if not keep_link:
                 link.close()
 
     async def create_log_session(
-        self, apps: list[str], params: dict[str, str], body: Any, headers: dict[str, str]
+        self, access: Access, _: Any, body: Any, *__: Any
     ) -> tuple[int, Any]:
-        app = self._app(apps, params["app"])
+        name, _created = access.app()
         request = api.parse_log_session(body)
         secret = secrets.token_urlsafe(24)
         key = hashlib.sha256(secret.encode()).hexdigest()
-        self._log_sessions[key] = LogSession(app.name, request)
+        self._log_sessions[key] = LogSession(name, request)
         asyncio.get_running_loop().call_later(LOG_SESSION_TTL, self._log_sessions.pop, key, None)
-        host = headers.get("host", "127.0.0.1")
         now = iso_time(time.time())
         return 201, {
             "id": api.stable_id("log-session", key),
-            "logplex_url": f"http://{host}/log-sessions/{secret}",
+            "logplex_url": f"{self.log_base}/log-sessions/{secret}",
             "created_at": now,
             "updated_at": now,
         }
@@ -282,7 +295,7 @@ class PlatformAPI:
             return
         authenticated()
         request = session.request
-        link = await ManagerLink.open(self.manager_socket)
+        link = await ManagerLink.open(self.manager)
         try:
             headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
             writer.write(conn.send(h11.Response(status_code=200, headers=headers)))

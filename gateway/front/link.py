@@ -16,7 +16,7 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from gateway.core import protocol as p
 from gateway.core.dyno import Exit
@@ -26,6 +26,7 @@ from gateway.ipc import (
     ManagerGone,
     ManagerRefused,
     ManagerUnavailable,
+    ancillary,
     close_all,
     read_packet,
 )
@@ -43,6 +44,74 @@ class Streams:
     fds: list[int]
 
 
+class Connector(Protocol):
+    """How this front opens a new connection to the manager."""
+
+    async def connect(self) -> socket.socket: ...
+
+
+class PathConnector:
+    """Through the manager's socket in the file system (a front started on its own)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, str(self.path))
+        except OSError as exc:
+            sock.close()
+            raise ManagerUnavailable(f"the dyno manager is not available ({exc})") from None
+        return sock
+
+
+class BrokerConnector:
+    """Through the broker the manager gave us when it started us: a new socket pair,
+    one end passed over the broker (the manager serves it as an accepted connection),
+    the other ours. No path, so nothing in the file system to reach or protect."""
+
+    def __init__(self, fd: int) -> None:
+        self._broker = socket.socket(fileno=fd)
+        self._broker.setblocking(False)
+
+    @property
+    def fileno(self) -> int:
+        return self._broker.fileno()
+
+    async def connect(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            await self._pass(theirs.fileno())
+        except OSError as exc:
+            ours.close()
+            raise ManagerUnavailable(f"the dyno manager is not available ({exc})") from None
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return ours
+
+    async def _pass(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self._broker.sendmsg([b"c"], ancillary([fd]))
+                return
+            except BlockingIOError:
+                writable = loop.create_future()
+                loop.add_writer(self._broker, writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(self._broker)
+
+
+def connector(broker_fd: int | None, path: Path) -> Connector:
+    """The broker when we were given one, else the manager's socket at `path`."""
+    return BrokerConnector(broker_fd) if broker_fd is not None else PathConnector(path)
+
+
 class ManagerLink:
     """One conversation with the manager. Closing it is what tells the manager that the
     client went away (the dyno is hung up)."""
@@ -56,15 +125,8 @@ class ManagerLink:
         self.closed = False
 
     @classmethod
-    async def open(cls, path: Path) -> ManagerLink:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, str(path))
-        except OSError as exc:
-            sock.close()
-            raise ManagerUnavailable(f"the dyno manager is not available ({exc})") from None
-        return cls(sock)
+    async def open(cls, manager: Connector) -> ManagerLink:
+        return cls(await manager.connect())
 
     # -- the conversations -------------------------------------------------------------
 
@@ -114,6 +176,34 @@ class ManagerLink:
                 raise ManagerRefused(message.message)
             assert isinstance(message, p.LogLines | p.Dropped)
             yield message
+
+    async def check_key(self, app: str, fingerprint: str) -> bool:
+        """May this key (SHA256 fingerprint) log in to `app`?"""
+        await self._send(p.CheckKey(app, fingerprint))
+        return (await self._reply(p.KeyChecked)).allowed
+
+    async def authorize(self, token: str, app: str | None) -> p.Authorized:
+        """A Platform API token's apps (and `app`'s creation time, if it may use it)."""
+        await self._send(p.Authorize(token, app))
+        return await self._reply(p.Authorized)
+
+    async def front_setup(self) -> tuple[p.FrontSetup, list[int]]:
+        """This front's kit: the message, and the audit trail's descriptor followed by
+        one listening socket per listener. The link stays open: our lifeline."""
+        await self._send(p.FrontHello())
+        message, fds = await self._receive_with_fds()
+        if isinstance(message, p.Refused):
+            raise ManagerRefused(message.message)
+        assert isinstance(message, p.FrontSetup)  # the conversation allows nothing else
+        return message, fds
+
+    async def front_ready(self) -> None:
+        await self._send(p.FrontReady())
+
+    async def until_closed(self) -> None:
+        """Wait until the manager closes this link (or breaks the protocol on it)."""
+        with contextlib.suppress(ManagerGone):
+            await self._receive()
 
     async def metrics(self) -> list[str]:
         await self._send(p.Metrics())

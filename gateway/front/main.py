@@ -1,9 +1,15 @@
-"""The SSH front's process: asyncio, network-facing, never builds sandboxes."""
+"""The SSH front's process: asyncio, network-facing, never builds sandboxes.
+
+It starts by giving up everything it does not need (gateway/privileges.py,
+gateway/seccomp.py), then asks the manager for its kit (FrontHello): listening sockets,
+host keys, the rendezvous key and the audit trail, all handed over. It holds no
+database, key file or port of its own; the connection that brought the kit is its
+lifeline: when the manager closes it, the front stops.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import resource
@@ -11,44 +17,51 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Iterable
 
 import asyncssh
 
-from gateway.config import Config, split_listen
+from gateway.audit import AuditLog
+from gateway.config import Config
+from gateway.core import protocol as p
 from gateway.front.api import PlatformAPI
 from gateway.front.attached import AttachedSessions
 from gateway.front.gate import Gate, admission_limits, start_stream, start_tls
+from gateway.front.imports import freeze_imports
+from gateway.front.link import Connector, ManagerLink, connector
 from gateway.front.observe import Observer, serve_metrics
 from gateway.front.rendezvous import Rendezvous, RendezvousProtocol
-from gateway.front.ssh import ALGORITHMS, GatewayServer, PreAuthLimits, load_host_keys, start_ssh
+from gateway.front.ssh import (
+    ALGORITHMS,
+    GatewayServer,
+    PreAuthLimits,
+    ask_manager,
+    load_host_keys,
+    start_ssh,
+)
 from gateway.front.ssh_session import SessionServices
-from gateway.keys import HOST_KEY_NAMES
-from gateway.store import Store, open_store
-from gateway.tls import SERVER_CERT, SERVER_KEY
+from gateway.ipc import ManagerError
+from gateway.privileges import PrivilegeError, drop_privileges, front_user
+from gateway.seccomp import SeccompUnavailable, deny_dangerous_syscalls
 
 log = logging.getLogger(__name__)
-Server = TypeVar("Server")
-# What the front writes on its ready pipe once every listener is open; a JSON line
-# {"table", "listen", "reason"} instead says which one could not be (see run()).
-READY = b"ready\n"
-# Accept queue of each listener: a burst is accepted (and then waits in its gate) rather
-# than left to SYN retries.
+# Accept queue of each listener (as the manager made them): a burst is accepted (and
+# then waits in its gate) rather than left to SYN retries.
 BACKLOG = 1024
 
 
-async def serve(
-    config: Config, ready_fd: int | None = None, lifeline_fd: int | None = None
-) -> None:
-    """Listen for SSH until SIGTERM, or until the manager's end of `lifeline_fd`
-    closes (the manager is gone); tell `ready_fd` once listening."""
-    store = open_store(config)
-    host, port = config.ssh.host_port
+async def serve(config: Config, manager: Connector) -> None:
+    """Take the kit from the manager, serve its listeners until SIGTERM or until the
+    manager closes the kit's connection (it is gone)."""
+    lifeline = await ManagerLink.open(manager)
+    setup, fds = await lifeline.front_setup()
+    audit = AuditLog.on_descriptor(fds[0])
+    sockets = [socket.socket(fileno=fd) for fd in fds[1:]]
+    listeners = list(zip(setup.listeners, sockets, strict=True))
     sessions = AttachedSessions()
-    observer = Observer(config.audit_path)
+    observer = Observer(audit)
     services = SessionServices(
-        manager_socket=config.manager_socket,
+        manager=manager,
         banner=config.dynos.banner,
         idle_timeout=config.dynos.idle_timeout,
         sessions=sessions,
@@ -57,10 +70,11 @@ async def serve(
         public_address=config.ssh.public_address,
     )
     limits = PreAuthLimits(config.ssh)
+    check_key = ask_manager(manager)
     _raise_open_files_limit(config)
     options = await asyncssh.SSHServerConnectionOptions.construct(
-        server_factory=lambda: GatewayServer(store, services, limits),
-        server_host_keys=load_host_keys([str(config.keys_dir / n) for n in HOST_KEY_NAMES]),
+        server_factory=lambda: GatewayServer(services, limits, check_key),
+        server_host_keys=load_host_keys([key.encode() for key in setup.host_keys]),
         **ALGORITHMS,
         encoding=None,
         line_editor=False,
@@ -77,39 +91,21 @@ async def serve(
         Gate("ssh", admission_limits(config.ssh), observer, start_ssh(options), limits.refusal)
     ]
     loop = asyncio.get_running_loop()
-    servers: list[asyncio.AbstractServer] = []
-    try:
-        servers.append(
-            await _listen(
-                "ssh",
-                config.ssh.listen,
-                loop.create_server(
-                    gates[0].protocol, host, port, reuse_address=True, backlog=BACKLOG
-                ),
-            )
-        )
-        log.info("SSH listening on %s:%d", host, port)
-        servers += await _heroku_listeners(config, store, sessions, observer, gates)
-        if config.metrics.listen:
-            m_host, m_port = split_listen(config.metrics.listen)
-            servers.append(
-                await _listen(
-                    "metrics",
-                    config.metrics.listen,
-                    serve_metrics(m_host, m_port, config.manager_socket),
-                )
-            )
-    except ListenFailed:
-        for listener in servers:
-            listener.close()
-        raise
-    if ready_fd is not None:
-        os.write(ready_fd, READY)
-        os.close(ready_fd)
+    servers: list[asyncio.AbstractServer] = [
+        await loop.create_server(gates[0].protocol, sock=sock, backlog=BACKLOG)
+        for name, sock in listeners
+        if name == "ssh"
+    ]
+    servers += await _heroku_listeners(config, setup, listeners, sessions, observer, gates, manager)
+    for name, sock in listeners:
+        if name == "metrics":
+            servers.append(await serve_metrics(sock, manager))
+    await lifeline.front_ready()
+    log.info("SSH front ready: %s", ", ".join(sorted({name for name, _ in listeners})))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    if lifeline_fd is not None:
-        loop.add_reader(lifeline_fd, stop.set)
+    watch = loop.create_task(lifeline.until_closed())
+    watch.add_done_callback(lambda _: stop.set())
     await stop.wait()
     log.info("SSH front stopping: no new connections")
     for listener in servers:
@@ -120,23 +116,32 @@ async def serve(
     for listener in servers:
         await listener.wait_closed()
     observer.close()
+    watch.cancel()
+    lifeline.close()
     log.info("SSH front stopped")
 
 
 async def _heroku_listeners(
-    config: Config, store: Store, sessions: AttachedSessions, observer: Observer, gates: list[Gate]
+    config: Config,
+    setup: p.FrontSetup,
+    listeners: Iterable[tuple[str, socket.socket]],
+    sessions: AttachedSessions,
+    observer: Observer,
+    gates: list[Gate],
+    manager: Connector,
 ) -> list[asyncio.AbstractServer]:
     """The rendezvous port (TLS) and the Platform API the heroku CLI talks to, each
     behind a gate of its own (the [ssh] admission settings, their own slots)."""
-    if not config.rendezvous.listen or not config.api.listen:
+    rendezvous_socks = [sock for name, sock in listeners if name == "rendezvous"]
+    api_socks = [sock for name, sock in listeners if name == "api"]
+    if not rendezvous_socks or not api_socks:
         return []
     rendezvous = Rendezvous(
         config.rendezvous.attach_timeout, config.dynos.idle_timeout, sessions, observer
     )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(config.keys_dir / SERVER_CERT, config.keys_dir / SERVER_KEY)
-    r_host, r_port = split_listen(config.rendezvous.listen)
+    _load_cert_chain(context, setup.tls_cert, setup.tls_key)
     loop = asyncio.get_running_loop()
     limits = admission_limits(config.ssh)
     # The TLS handshake starts once the gate admits the connection.
@@ -144,34 +149,38 @@ async def _heroku_listeners(
         "rendezvous", limits, observer,
         start_tls(context, lambda p: RendezvousProtocol(rendezvous, p.settle), 10),
     )  # fmt: skip
-    rendezvous_server = await _listen(
-        "rendezvous",
-        config.rendezvous.listen,
-        loop.create_server(
-            rendezvous_gate.protocol, r_host, r_port, reuse_address=True, backlog=BACKLOG
-        ),
-    )
-    platform = PlatformAPI(
-        store, rendezvous, config.manager_socket, config.rendezvous.public_host, r_port
-    )
-    a_host, a_port = split_listen(config.api.listen)
+    # attach_url names the port the rendezvous really listens on (systemd may pass it).
+    r_port = rendezvous_socks[0].getsockname()[1]
+    a_port = api_socks[0].getsockname()[1]
+    platform = PlatformAPI(rendezvous, manager, config.rendezvous.public_host, r_port, a_port)
     api_gate = Gate(
         "api", limits, observer, start_stream(lambda r, w, p: platform.handle(r, w, p.settle))
     )
-    try:
-        api_server = await _listen(
-            "api",
-            config.api.listen,
-            loop.create_server(
-                api_gate.protocol, a_host, a_port, reuse_address=True, backlog=BACKLOG
-            ),
-        )
-    except ListenFailed:
-        rendezvous_server.close()
-        raise
+    servers: list[asyncio.AbstractServer] = [
+        await loop.create_server(rendezvous_gate.protocol, sock=sock, backlog=BACKLOG)
+        for sock in rendezvous_socks
+    ]
+    servers += [
+        await loop.create_server(api_gate.protocol, sock=sock, backlog=BACKLOG)
+        for sock in api_socks
+    ]
     gates += [rendezvous_gate, api_gate]
-    log.info("rendezvous listening on %s:%d, API on %s:%d", r_host, r_port, a_host, a_port)
-    return [rendezvous_server, api_server]
+    return servers
+
+
+def _load_cert_chain(context: ssl.SSLContext, cert: str, key: str) -> None:
+    """The rendezvous certificate chain and key from memory: ssl reads them only from a
+    path, so they go through memory-only files (memfd), never the disk."""
+    files = []
+    try:
+        for name, text in (("cert", cert), ("key", key)):
+            fd = os.memfd_create(f"rendezvous-{name}", os.MFD_CLOEXEC)
+            files.append(fd)
+            os.write(fd, text.encode())
+        context.load_cert_chain(f"/proc/self/fd/{files[0]}", f"/proc/self/fd/{files[1]}")
+    finally:
+        for fd in files:
+            os.close(fd)
 
 
 def _raise_open_files_limit(config: Config) -> None:
@@ -190,42 +199,23 @@ def _raise_open_files_limit(config: Config) -> None:
         )  # fmt: skip
 
 
-class ListenFailed(Exception):
-    """A listener that could not be opened: which `[table] listen`, and why."""
-
-    def __init__(self, table: str, listen: str, reason: str) -> None:
-        super().__init__(f"[{table}] listen {listen}: {reason}")
-        self.table, self.listen, self.reason = table, listen, reason
-
-
-async def _listen(table: str, listen: str, opening: Awaitable[Server]) -> Server:
-    """Await `opening` (a listener being bound); an OSError (port taken, address not
-    on this host, a low port without privilege) becomes ListenFailed naming the key."""
-    try:
-        return await opening
-    except OSError as exc:
-        if isinstance(exc, socket.gaierror):  # a host name that does not resolve
-            reason = f"{exc.strerror}"
-        elif exc.errno:  # asyncio words it "error while attempting to bind on ...: REASON"
-            reason = os.strerror(exc.errno)
-        else:
-            reason = str(exc)
-        raise ListenFailed(table, listen, reason[:1].lower() + reason[1:]) from None
-
-
-def run(config: Config, ready_fd: int | None = None, lifeline_fd: int | None = None) -> int:
-    """Serve; 0 after a clean stop. A listener that cannot be opened is told on
-    `ready_fd` (or stderr) in one line, status 1: the manager prints it, no traceback."""
+def run(config: Config, broker_fd: int | None = None) -> int:
+    """Give up privileges, then serve; 0 after a clean stop. `broker_fd`: the broker of
+    the manager that started us; without one, we connect to `[front] socket`."""
     # Ctrl-C on a terminal reaches the whole process group, from the first moment on;
     # the manager decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    freeze_imports()  # while we can still read every module
     try:
-        asyncio.run(serve(config, ready_fd, lifeline_fd))
-    except ListenFailed as exc:
-        if ready_fd is None:
-            print(f"gateway: {exc}", file=sys.stderr)
-        else:
-            failure = {"table": exc.table, "listen": exc.listen, "reason": exc.reason}
-            os.write(ready_fd, json.dumps(failure).encode() + b"\n")
+        drop_privileges(front_user(config))
+        denied = deny_dangerous_syscalls()
+    except (PrivilegeError, SeccompUnavailable, OSError) as exc:
+        print(f"gateway: the SSH front cannot start safely: {exc}", file=sys.stderr)
+        return 1
+    log.info("SSH front running as uid %d, %d system calls denied", os.getuid(), denied)
+    try:
+        asyncio.run(serve(config, connector(broker_fd, config.manager_socket)))
+    except ManagerError as exc:
+        print(f"gateway: the SSH front stops: {exc}", file=sys.stderr)
         return 1
     return 0

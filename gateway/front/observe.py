@@ -6,16 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import h11
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from gateway.audit import AuditLog
 from gateway.core.refusals import RefusalDigest
-from gateway.front.link import ManagerLink
+from gateway.front.link import Connector, ManagerLink
 from gateway.ipc import ManagerError
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ UNAUTHENTICATED = Gauge(
 class Observer:
     """One per front process: the audit trail and the metrics, behind plain calls."""
 
-    def __init__(self, audit_path: Path, clock: Callable[[], float] = time.monotonic) -> None:
-        self.audit = AuditLog(audit_path)
+    def __init__(self, audit: AuditLog, clock: Callable[[], float] = time.monotonic) -> None:
+        self.audit = audit
         self._refusals = RefusalDigest()
         self._clock = clock
         self._flush: asyncio.TimerHandle | None = None
@@ -162,18 +162,18 @@ class SessionTrace:
         )  # fmt: skip
 
 
-async def metrics_text(manager_socket: Path) -> bytes:
+async def metrics_text(manager: Connector) -> bytes:
     """The front's metrics and the manager's, as one Prometheus text exposition."""
     text = generate_latest(REGISTRY)
     with contextlib.suppress(ManagerError, OSError):
-        async with await ManagerLink.open(manager_socket) as link:
+        async with await ManagerLink.open(manager) as link:
             lines = await link.metrics()
         text += ("\n".join(lines) + "\n").encode() if lines else b""
     return text
 
 
-async def serve_metrics(host: str, port: int, manager_socket: Path) -> asyncio.AbstractServer:
-    """GET /metrics on its own (loopback) port; anything else is 404."""
+async def serve_metrics(sock: socket.socket, manager: Connector) -> asyncio.AbstractServer:
+    """GET /metrics on its own (loopback) listener; anything else is 404."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -184,7 +184,7 @@ async def serve_metrics(host: str, port: int, manager_socket: Path) -> asyncio.A
             if not isinstance(event, h11.Request):
                 return
             found = event.method == b"GET" and event.target.split(b"?")[0] == b"/metrics"
-            body = await metrics_text(manager_socket) if found else b"not found\n"
+            body = await metrics_text(manager) if found else b"not found\n"
             headers = [
                 ("content-type", "text/plain; version=0.0.4; charset=utf-8"),
                 ("content-length", str(len(body))),
@@ -201,6 +201,4 @@ async def serve_metrics(host: str, port: int, manager_socket: Path) -> asyncio.A
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, host, port, reuse_address=True)
-    log.info("metrics on %s:%d", host, port)
-    return server
+    return await asyncio.start_server(handle, sock=sock)

@@ -15,7 +15,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import asyncssh
@@ -25,9 +25,10 @@ from gateway.core.admission import parse_networks
 from gateway.core.prelimits import Penalized, PenaltyBox
 from gateway.front.channel import adopt
 from gateway.front.gate import Pending, Start, connection_id, feed
+from gateway.front.link import Connector, ManagerLink
 from gateway.front.observe import Observer
 from gateway.front.ssh_session import SessionServices, SSHSession
-from gateway.store import UNAVAILABLE_MESSAGE, Store, StoreUnavailable
+from gateway.ipc import ManagerError, ManagerRefused
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,10 @@ ALGORITHMS: dict[str, list[str]] = {
 }
 # Host key signatures: RSA keys sign with SHA-2 only (ssh-rsa is SHA-1).
 HOST_KEY_ALGORITHMS = (b"ssh-ed25519", b"rsa-sha2-512", b"rsa-sha2-256")
-LOGIN_TIMEOUT = "Login timeout expired"  # asyncssh's reason when login_timeout fires
+LOGIN_TIMEOUT = "Login timeout expired"
+UNAVAILABLE = (
+    "the gateway is restarting; try again in a moment"  # asyncssh's reason when login_timeout fires
+)
 _PLAIN = re.compile(r"[A-Za-z0-9._@+-]{1,100}")
 
 
@@ -79,10 +83,11 @@ def shown(name: str) -> str:
     return name if _PLAIN.fullmatch(name) else repr(name[:100])
 
 
-def load_host_keys(paths: Sequence[str]) -> list[asyncssh.SSHKeyPair]:
-    """The host keys, each offering only the signature algorithms in HOST_KEY_ALGORITHMS
-    (asyncssh has no server option for this; it offers what each key pair lists)."""
-    keypairs = asyncssh.load_keypairs(list(paths))
+def load_host_keys(keys: Sequence[bytes]) -> list[asyncssh.SSHKeyPair]:
+    """The host keys (private keys' text, handed over by the manager), each offering
+    only the signature algorithms in HOST_KEY_ALGORITHMS (asyncssh has no server option
+    for this; it offers what each key pair lists)."""
+    keypairs = asyncssh.load_keypairs(list(keys))
     for keypair in keypairs:
         allowed = [alg for alg in keypair.host_key_algorithms if alg in HOST_KEY_ALGORITHMS]
         keypair.host_key_algorithms = allowed
@@ -136,9 +141,25 @@ def start_ssh(options: asyncssh.SSHServerConnectionOptions) -> Start:
     return start
 
 
+# Whether a key (SHA256 fingerprint) may log in to an app: the manager's answer.
+KeyCheck = Callable[[str, str], Awaitable[bool]]
+
+
+def ask_manager(manager: Connector) -> KeyCheck:
+    """Key checks through the manager (the front holds no database)."""
+
+    async def check(app: str, fingerprint: str) -> bool:
+        async with await ManagerLink.open(manager) as link:
+            return await link.check_key(app, fingerprint)
+
+    return check
+
+
 class GatewayServer(asyncssh.SSHServer):
-    def __init__(self, store: Store, services: SessionServices, limits: PreAuthLimits) -> None:
-        self.store = store
+    def __init__(
+        self, services: SessionServices, limits: PreAuthLimits, check_key: KeyCheck
+    ) -> None:
+        self.check_key = check_key
         self.services = services
         self.limits = limits
         self.id = "?"
@@ -234,7 +255,7 @@ class GatewayServer(asyncssh.SSHServer):
     def public_key_auth_supported(self) -> bool:
         return True
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         fingerprint = key.get_fingerprint("sha256")
         seen = f"{shown(username)} {fingerprint}"
         penalty = self.limits.key_refused(self.source, seen)
@@ -242,16 +263,17 @@ class GatewayServer(asyncssh.SSHServer):
             self._failed(username, fingerprint, "key refused", f" penalty={penalty:.0f}s")
             return False
         try:
-            allowed = self.store.has_key(username, fingerprint)
-        except StoreUnavailable as exc:
-            # Not the client's fault: no failure counted, and it is told why (OpenSSH
-            # prints the disconnect message).
+            allowed = await self.check_key(username, fingerprint)
+        except ManagerError as exc:
+            # Not the client's fault (the database or the manager is down): no failure
+            # counted, and it is told why (OpenSSH prints the disconnect message).
             log.error(
                 "key check failed conn=%s app=%s source=%s error=%s",
                 self.id, shown(username), self.source, exc,
             )  # fmt: skip
+            reason = str(exc) if isinstance(exc, ManagerRefused) else UNAVAILABLE
             if self._conn is not None:
-                self._conn.disconnect(asyncssh.DISC_SERVICE_NOT_AVAILABLE, UNAVAILABLE_MESSAGE)
+                self._conn.disconnect(asyncssh.DISC_SERVICE_NOT_AVAILABLE, reason)
             return False
         if allowed:
             # asyncssh asks once for a key query and once more for its signature, which

@@ -11,7 +11,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -22,7 +21,7 @@ from gateway.core.prelimits import filter_env
 from gateway.eventlog import EventLog, event_log
 from gateway.front.attached import AttachedSessions
 from gateway.front.attachment import Attachment, Client
-from gateway.front.link import ManagerLink
+from gateway.front.link import Connector, ManagerLink
 from gateway.front.observe import Observer, SessionTrace
 from gateway.front.reserved import ReservedCommand
 from gateway.ipc import ManagerGone, ManagerRefused, ManagerUnavailable
@@ -34,7 +33,7 @@ _logger = logging.getLogger(__name__)
 class SessionServices:
     """What every session of this front shares: settings and the front's own objects."""
 
-    manager_socket: Path
+    manager: Connector  # how to reach the dyno manager
     banner: bool
     idle_timeout: int
     sessions: AttachedSessions
@@ -266,7 +265,7 @@ class SSHSession(asyncssh.SSHServerSession[bytes]):
     # -- Console (for reserved commands) -----------------------------------------------
 
     async def open_link(self) -> ManagerLink:
-        link = await ManagerLink.open(self.services.manager_socket)
+        link = await ManagerLink.open(self.services.manager)
         self._links.append(link)
         return link
 

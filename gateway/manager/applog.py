@@ -14,7 +14,9 @@ from contextlib import contextmanager
 
 import trio
 
+from gateway.config import LogSettings
 from gateway.core.applog import LogLine
+from gateway.core.lograte import LogRate, notice
 from gateway.store import Store, StoreUnavailable
 
 log = logging.getLogger("gateway.manager")
@@ -44,10 +46,21 @@ class LogFeed:
 
 
 class AppLog:
-    def __init__(self, store: Store, lines_per_app: int) -> None:
+    def __init__(self, store: Store, settings: LogSettings) -> None:
         self.store = store
-        self.keep = lines_per_app
+        self.keep = settings.lines_per_app
+        self.settings = settings
         self._feeds: dict[str, set[LogFeed]] = defaultdict(set)
+
+    def rate(self) -> LogRate:
+        """A new budget for one dyno's output (gateway/core/lograte.py)."""
+        return LogRate(self.settings.rate_lines, self.settings.rate_bytes, now=trio.current_time())
+
+    def dropped(self, app: str, dyno: str, count: int) -> None:
+        """Say that `count` of the dyno's lines were dropped, as Heroku says it (L12)."""
+        settings = self.settings
+        self.heroku(app, dyno, notice(count, settings.rate_lines, settings.rate_bytes))
+        log.info("app log lines dropped app=%s dyno=%s lines=%d", app, dyno, count)
 
     def heroku(self, app: str, dyno: str, *messages: str) -> None:
         """Lines from the platform about a dyno (`heroku[run.N]: ...`)."""

@@ -18,6 +18,10 @@ from gateway.manager.sandbox import DynoSpec
 from gateway.manager.spawn import Child
 from gateway.manager.stdio import Stdio
 
+# Reading a dyno's output for the app log: the most at once, and the pause between
+# reads while it is over its rate (docs/configuration.md, [logs]).
+CAPTURE_CHUNK = 256 * 1024
+CAPTURE_BACKOFF = 0.1
 # Linux's ioctl for a terminal's session; Python's termios module does not name it.
 TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)
 
@@ -113,14 +117,29 @@ class RunningDyno:
         self.output_done.set()
 
     async def _capture(self, fd: int, log: AppLog) -> None:
+        """One output stream into the app log, within the dyno's rate (lines past it
+        are dropped and counted). Over the rate, lines are counted, not split, and the
+        reading pauses between chunks: a dyno that floods its output costs the manager
+        a few reads a second, and waits on its full pipe meanwhile."""
+        app, name = self.spec.app, self.spec.name
         splitter = LineSplitter()
+        rate = log.rate()
         async with trio.lowlevel.FdStream(os.dup(fd)) as stream:
             while True:
                 try:
-                    data = await stream.receive_some(65536)
+                    data = await stream.receive_some(CAPTURE_CHUNK)
                 except (trio.BrokenResourceError, OSError):
                     data = b""  # EIO: the PTY's last slave fd closed
-                lines = splitter.feed(data) if data else splitter.flush()
-                log.output(self.spec.app, self.spec.name, lines)
+                now = trio.current_time()
+                if data and rate.over(now):
+                    rate.drop(data.count(b"\n"))
+                    splitter = LineSplitter()  # what it held is cut: start afresh
+                else:
+                    lines = splitter.feed(data) if data else splitter.flush()
+                    log.output(app, name, rate.admit(lines, now))
+                if dropped := rate.due(now, final=not data):
+                    log.dropped(app, name, dropped)
                 if not data:
                     return
+                if rate.over(now):
+                    await trio.sleep(CAPTURE_BACKOFF)

@@ -79,7 +79,9 @@ def _build(path: Path) -> None:
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
         raise InitUnavailable(f"building the dyno init failed: {result.stderr.strip()}")
-    os.chmod(partial, 0o755)
+    # Execute-only for others: a bwrap dyno's user runs it (through a descriptor), and
+    # nobody else needs to read it.
+    os.chmod(partial, 0o711)
     partial.rename(path)  # atomic: a concurrent start sees the whole binary or none
 
 

@@ -8,7 +8,6 @@ closes) and the service manager restarts it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -20,26 +19,20 @@ import trio
 from gateway.config import Config
 from gateway.manager.bwrap import BwrapSandbox, BwrapUnavailable
 from gateway.manager.dyno_init import InitBinary, InitUnavailable
+from gateway.manager.front import Front, FrontDied, FrontKit
+from gateway.manager.listeners import (
+    ListenerUnavailable,
+    PassedSocketsUnusable,
+    close_all,
+    open_listeners,
+)
 from gateway.manager.namespaces import NamespaceSandbox, NamespacesUnavailable
 from gateway.manager.sandbox import ProcessSandbox, Sandbox
 from gateway.manager.server import Manager
+from gateway.privileges import FrontUser, PrivilegeError, front_user
 from gateway.store import StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
-# What the front writes on its ready pipe once it listens (gateway/front/main.py READY).
-READY = b"ready\n"
-
-
-class FrontDied(Exception):
-    pass
-
-
-class ListenerUnavailable(FrontDied):
-    """The front could not open a listener: which `[table] listen`, and why."""
-
-    def __init__(self, table: str, listen: str, reason: str) -> None:
-        super().__init__(f"[{table}] listen {listen}: {reason}")
-        self.table = table
 
 
 class SandboxUnavailable(Exception):
@@ -58,29 +51,62 @@ async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], No
     # Signals are ours from the start, so that Ctrl-C never surfaces as a
     # KeyboardInterrupt in the middle of a task.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        store = open_store(config)
-        sandbox = await choose_sandbox(config)
-        manager = Manager(config, store, sandbox)
-        front = Front(front_argv)
-        stopping = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, signals, stopping, front)
-            await nursery.start(sandbox.run)
-            await nursery.start(manager.serve)
-            await nursery.start(front.run)
-            on_ready()
-            await stopping.wait()
-            # The front stops accepting, tells attached clients and gives them
-            # drain_timeout to end, then hangs them up (their dynos get SIGHUP); what
-            # still runs after that is stopped as run:stop does (SIGTERM, stop_grace,
-            # SIGKILL). So a shutdown can take drain_timeout + stop_grace, plus a few
-            # seconds of slack at each step; a second signal cuts it short.
-            await front.stop(config.shutdown.drain_timeout + 5)
-            await manager.stop_all()
-            nursery.cancel_scope.cancel()
+        user = front_user(config)
+        _say_who_runs_the_front(config, user)
+        listeners = open_listeners(config, os.environ)
+        try:
+            kit = FrontKit.gather(config, listeners)
+            store = open_store(config)
+            sandbox = await choose_sandbox(config)
+            manager = Manager(config, store, sandbox, kit, user)
+            front = Front(front_argv) if config.front.spawn else None
+            stopping = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_signals, signals, stopping, front)
+                await nursery.start(sandbox.run)
+                await nursery.start(manager.serve)
+                if front is not None:
+                    nursery.start_soon(front.run, manager.front_ready, manager.serve_broker)
+                    await manager.front_ready.wait()
+                else:
+                    # Its own service starts it (contrib/systemd/gateway-front.service),
+                    # and may stop and start it again while we run.
+                    log.info(
+                        "waiting for the SSH front (gateway _front) on %s", config.manager_socket
+                    )
+                on_ready()
+                await stopping.wait()
+                # The front stops accepting, tells attached clients and gives them
+                # drain_timeout to end, then hangs them up (their dynos get SIGHUP); what
+                # still runs after that is stopped as run:stop does (SIGTERM, stop_grace,
+                # SIGKILL). So a shutdown can take drain_timeout + stop_grace, plus a few
+                # seconds of slack at each step; a second signal cuts it short.
+                if front is not None:
+                    await front.stop(config.shutdown.drain_timeout + 5)
+                await manager.stop_all()
+                nursery.cancel_scope.cancel()
+        finally:
+            close_all(listeners)
 
 
-async def _watch_signals(signals: AsyncIterator[int], stopping: trio.Event, front: Front) -> None:
+def _say_who_runs_the_front(config: Config, user: FrontUser | None) -> None:
+    """One line on who the network-facing process will be (docs/security.md)."""
+    if user is not None:
+        log.info(
+            "the SSH front runs as user %s: no capabilities, no_new_privs, syscall filter",
+            config.front.user,
+        )
+    else:
+        log.warning(
+            "not started as root: the SSH front runs as this user (uid %d) too, with "
+            "no_new_privs and a syscall filter",
+            os.geteuid(),
+        )
+
+
+async def _watch_signals(
+    signals: AsyncIterator[int], stopping: trio.Event, front: Front | None
+) -> None:
     """The first SIGINT or SIGTERM starts the graceful shutdown; a second one stops now:
     the front is killed (every connection drops, attached dynos get SIGHUP) and
     StoppedNow cancels the rest, so each dyno gets SIGTERM and, a second later, SIGKILL."""
@@ -95,7 +121,8 @@ async def _watch_signals(signals: AsyncIterator[int], stopping: trio.Event, fron
         what = "interrupt" if signum == signal.SIGINT else name
         # One line, as the user's answer (the log goes to the same stderr).
         print(f"gateway: second {what}, stopping now", file=sys.stderr, flush=True)
-        front.kill()
+        if front is not None:
+            front.kill()
         raise StoppedNow(signum)
 
 
@@ -150,83 +177,6 @@ def _announce(line: str, weaker: bool) -> None:
         log.info(line)
 
 
-class Front:
-    """The SSH front, a child process: started, watched, and given time to drain."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.argv = argv
-        self.stopping = False
-        self.exited = trio.Event()
-        self._process: trio.Process | None = None
-
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the front and hold it: `ready` tells us it listens, and the lifeline (a
-        pipe we never write) tells it when we are gone, whichever way we die."""
-        ready_r, ready_w = os.pipe()
-        lifeline_r, lifeline_w = os.pipe()
-        env = dict(os.environ, GATEWAY_READY_FD=str(ready_w), GATEWAY_LIFELINE_FD=str(lifeline_r))
-        # glibc: keep freed memory instead of returning it at once; bulk transfers
-        # otherwise fault in fresh pages for every MB they move (docs/benchmarks.md).
-        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(16 * 1024 * 1024))
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 * 1024 * 1024))
-        try:
-            front = await trio.lowlevel.open_process(
-                self.argv, pass_fds=(ready_w, lifeline_r), env=env
-            )
-        finally:
-            os.close(ready_w)
-            os.close(lifeline_r)
-        self._process = front
-        try:
-            async with trio.lowlevel.FdStream(ready_r) as ready:
-                said = await _read_line(ready)
-            if said != READY:
-                status = await front.wait()
-                try:
-                    failure = json.loads(said)
-                    table, listen, reason = (str(failure[k]) for k in ("table", "listen", "reason"))
-                except (ValueError, KeyError, TypeError):
-                    raise FrontDied(f"the SSH front exited at start (status {status})") from None
-                raise ListenerUnavailable(table, listen, reason)
-            task_status.started()
-            status = await front.wait()
-            self.exited.set()
-            if not self.stopping:
-                raise FrontDied(f"the SSH front exited with status {status}")
-        finally:
-            os.close(lifeline_w)
-            with trio.CancelScope(shield=True):
-                front.terminate()
-                with trio.move_on_after(10):
-                    await front.wait()
-                front.kill()
-
-    def kill(self) -> None:
-        """SIGKILL, no drain: for a second interrupt."""
-        self.stopping = True
-        if self._process is not None and self._process.returncode is None:
-            self._process.kill()
-
-    async def stop(self, timeout: float) -> None:
-        """SIGTERM (the front drains) and wait for it to exit, at most `timeout` seconds."""
-        self.stopping = True
-        if self._process is not None:
-            self._process.terminate()
-        with trio.move_on_after(timeout):
-            await self.exited.wait()
-
-
-async def _read_line(stream: trio.lowlevel.FdStream, limit: int = 4096) -> bytes:
-    """Bytes up to and including the first newline, or all there were before EOF."""
-    data = b""
-    while b"\n" not in data and len(data) < limit:
-        chunk = await stream.receive_some(limit - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def run(
     config: Config,
     front_argv: list[str],
@@ -248,7 +198,13 @@ def run(
         for exc in _leaves(group):
             hint = how_to_move(exc.table) if isinstance(exc, ListenerUnavailable) else ""
             failures.append(f"{exc}; {hint}" if hint else str(exc))
-    except* (FrontDied, SandboxUnavailable, StoreUnavailable) as group:
+    except* (
+        FrontDied,
+        SandboxUnavailable,
+        StoreUnavailable,
+        PrivilegeError,
+        PassedSocketsUnusable,
+    ) as group:
         failures.extend(str(exc) for exc in _leaves(group))
     for line in failures:
         print(f"gateway: {line}", file=sys.stderr)

@@ -2,9 +2,15 @@
 children of `serve`, so nothing the manager started outlives it.
 
 Requests: Run (gateway/manager/supervisor.py sees the dyno through), Stop, Logs,
-ListDynos (from the store, the one source of truth about which dynos run), Metrics.
+ListDynos (from the store, the one source of truth about which dynos run), Metrics, and
+what the front cannot do itself since it holds no database: CheckKey, Authorize, and
+FrontHello (its listeners and keys, gateway/manager/front.py).
 Whatever goes wrong in one connection stays in it: the manager and every other dyno
 keep running.
+
+Connections come from the socket at `[front] socket` (the admin CLI, a front started on
+its own; only root, our own user and the front's user are let in: SO_PEERCRED) and from
+the broker of a front we started (each packet on it passes one new connection).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 
 import trio
 
@@ -20,9 +27,15 @@ from gateway.audit import AuditLog
 from gateway.config import Config
 from gateway.core.dyno import State
 from gateway.core.protocol import (
+    Authorize,
+    Authorized,
+    CheckKey,
     Dropped,
     DynoList,
     End,
+    FrontHello,
+    FrontReady,
+    KeyChecked,
     ListDynos,
     LocalProtocolError,
     LogLines,
@@ -36,28 +49,43 @@ from gateway.core.protocol import (
     Stopping,
     batches,
 )
-from gateway.ipc import close_all
+from gateway.ipc import ANCILLARY_SPACE, close_all, received_fds
 from gateway.manager import metrics
 from gateway.manager.applog import AppLog
 from gateway.manager.connection import FrontConnection
+from gateway.manager.front import FrontKit
 from gateway.manager.lifecycle import DynoLife
 from gateway.manager.orphans import end_group
 from gateway.manager.sandbox import Sandbox
 from gateway.manager.supervisor import Refused as RefusedRequest
 from gateway.manager.supervisor import Supervisor
+from gateway.privileges import FrontUser
 from gateway.store import UNAVAILABLE_MESSAGE, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 
 class Manager:
-    def __init__(self, config: Config, store: Store, sandbox: Sandbox) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        sandbox: Sandbox,
+        kit: FrontKit,
+        front_user: FrontUser | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.sandbox = sandbox
-        self.applog = AppLog(store, config.logs.lines_per_app)
+        self.kit = kit
+        self.front_user = front_user
+        self.applog = AppLog(store, config.logs)
         self.audit = AuditLog(config.audit_path)
         self.dynos = Supervisor(config, store, sandbox, self.applog, self.audit)
+        # Set while a front that has its kit says it accepts connections.
+        self.front_ready = trio.Event()
+        self._front_attached = False
+        self._nursery: trio.Nursery | None = None
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept front connections until cancelled; every dyno task is a child of this one,
@@ -70,15 +98,54 @@ class Manager:
             path.unlink(missing_ok=True)
             await listener.bind(str(path))
             os.chmod(path, 0o600)
+            if self.front_user is not None and not self.config.front.spawn:
+                # A front started on its own connects here as its user.
+                os.chown(path, self.front_user.uid, self.front_user.gid)
             # A burst of sessions each opens a connection here at once: a short backlog
             # made connects fail (ENOTCONN on the first send) past ~400 concurrent ones.
             listener.listen(socket.SOMAXCONN)
             self.recover()
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 task_status.started()
                 while True:
                     sock, _ = await listener.accept()
-                    nursery.start_soon(self.handle, sock)
+                    if self._admitted(sock):
+                        nursery.start_soon(self.handle, sock)
+                    else:
+                        sock.close()
+
+    def _admitted(self, sock: trio.socket.SocketType) -> bool:
+        """Only root, our own user and the front's may talk to us; anyone else is
+        refused and logged (the socket's mode should have stopped them already)."""
+        pid, uid, _ = peer_credentials(sock)
+        allowed = {0, os.geteuid()}
+        if self.front_user is not None:
+            allowed.add(self.front_user.uid)
+        if uid in allowed:
+            return True
+        log.warning("manager connection refused uid=%d pid=%d", uid, pid)
+        return False
+
+    async def serve_broker(self, broker: trio.socket.SocketType) -> None:
+        """The connections a front we started opens: each packet on its broker passes
+        one end of a new SEQPACKET socket pair, served like an accepted connection."""
+        assert self._nursery is not None, "serve() first"
+        while True:
+            try:
+                data, anc, _, _ = await broker.recvmsg(1, ANCILLARY_SPACE)
+            except OSError:
+                return
+            fds = received_fds(anc)
+            if not data and not fds:
+                return  # the front is gone
+            for fd in fds:
+                sock = socket.socket(fileno=fd)
+                if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+                    log.warning("front broker: passed a descriptor that is not a connection")
+                    sock.close()
+                    continue
+                self._nursery.start_soon(self.handle, trio.socket.from_stdlib_socket(sock))
 
     def recover(self) -> None:
         """Close the records of dynos a previous manager left running (it died with them:
@@ -134,6 +201,13 @@ class Manager:
                 for part in batches(metrics.exposition().splitlines()):
                     await conn.send(MetricsText(part))
                 await conn.send(End())
+            elif isinstance(request, CheckKey):
+                allowed = self.store.has_key(request.app, request.fingerprint)
+                await conn.send(KeyChecked(allowed))
+            elif isinstance(request, Authorize):
+                await conn.send(self.authorize(request))
+            elif isinstance(request, FrontHello):
+                await self.set_up_front(conn)
         except RefusedRequest as exc:
             log.info("request refused %s reason=%s", _describe(request), exc)
             with contextlib.suppress(OSError, LocalProtocolError):
@@ -142,6 +216,47 @@ class Manager:
             log.error("request failed %s error=%s", _describe(request), exc)
             with contextlib.suppress(OSError, LocalProtocolError):
                 await conn.send(Refused(UNAVAILABLE_MESSAGE))
+
+    def authorize(self, request: Authorize) -> Authorized:
+        """A Platform API token's apps, and when the app asked about was made if the
+        token may use it (the front answers 404 alike for absent and forbidden apps)."""
+        apps = self.store.token_apps(request.token)
+        if apps is None:
+            return Authorized(valid=False)
+        created = None
+        if request.app is not None and request.app in apps:
+            app = self.store.get_app(request.app)
+            created = app.created_at if app is not None else None
+        return Authorized(valid=True, apps=tuple(apps), app_created_at=created)
+
+    async def set_up_front(self, conn: FrontConnection) -> None:
+        """Hand the front its kit; then its connection is its lifeline: when it closes,
+        the front is gone (one started on its own may come back; ours ends the gateway)."""
+        if self._front_attached:
+            raise RefusedRequest("a front is already attached to this manager")
+        pid, uid, _ = peer_credentials(conn.sock)
+        self._front_attached = True
+        try:
+            message, fds = self.kit.setup()
+            try:
+                await conn.send(message, fds)
+            finally:
+                os.close(fds[0])  # our copy of the audit trail's new descriptor
+            received = await conn.receive()
+            if received is None:
+                log.warning("SSH front left before it was ready pid=%d", pid)
+                return
+            close_all(received[1])
+            assert isinstance(received[0], FrontReady)  # the conversation allows nothing else
+            log.info("SSH front ready pid=%d uid=%d", pid, uid)
+            self.front_ready.set()
+            while (received := await conn.receive()) is not None:
+                close_all(received[1])
+            log.info("SSH front gone pid=%d", pid)
+        finally:
+            self._front_attached = False
+            if self.front_ready.is_set():
+                self.front_ready = trio.Event()
 
     async def stop(self, conn: FrontConnection, request: Stop) -> None:
         """run:stop: the dyno's own task stops it (SIGTERM, grace, SIGKILL); the answer
@@ -195,6 +310,14 @@ async def _cancel_on_close(conn: FrontConnection, scope: trio.CancelScope) -> No
         while await conn.receive() is not None:
             pass
     scope.cancel()
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    """The pid, uid and gid of the process at the other end of a Unix socket (as they
+    were when it connected, or made the socket pair)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
 
 
 def _describe(request: object) -> str:

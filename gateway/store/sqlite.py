@@ -8,6 +8,7 @@ made before the PostgreSQL backend existed upgrade in place.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -29,7 +30,9 @@ class SQLiteStore(Store):
 
     def __init__(self, path: Path, slugs_dir: Path | None = None, node: str | None = None) -> None:
         super().__init__(node)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Made 0600 before SQLite opens it: SQLite gives -wal and -shm the database's mode.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self.path = path
         self.slugs_dir = slugs_dir or path.parent / "slugs"
         self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)

@@ -14,10 +14,16 @@ descriptors each one carries.
     Logs              S (LogLines | Dropped)*, End unless tailing | Refused
     Metrics           S MetricsText*, End
     ListDynos         S DynoList | Refused
+    CheckKey          S KeyChecked | Refused
+    Authorize         S Authorized | Refused
+    FrontHello        S FrontSetup+fds | Refused;  C FrontReady;  then silence until closed
 
 The descriptors with Started: a PTY master; or stdin, stdout and stderr; or stdin and one
-merged output. Closing the connection ends the conversation; the front closing a running
-one is its client's hang-up.
+merged output. With FrontSetup: the audit trail's, then one listening socket per listener
+(the front holds no database, key file or privileged port of its own). Closing the
+connection ends the conversation; the front closing a running one is its client's
+hang-up, and the front's setup connection closing means that the front (or the manager)
+is gone.
 
 Faults are split as h11 splits them: LocalProtocolError when *we* are about to break the
 protocol (our bug, or a value too large for it, such as a command no exec could take),
@@ -28,17 +34,27 @@ LocalProtocolError raised while building a request from user input is fit for th
 from gateway.core.protocol.codec import batches, decode, encode
 from gateway.core.protocol.conversation import Conversation, Phase, Role
 from gateway.core.protocol.messages import (
+    LISTENER_NAMES,
     MAX_COMMAND,
+    MAX_LISTENERS,
     MAX_PACKET,
+    MAX_SECRET,
     MESSAGES,
     REQUESTS,
     SIGNALS,
     Attach,
+    Authorize,
+    Authorized,
+    CheckKey,
     Dropped,
     DynoInfo,
     DynoList,
     End,
     Exited,
+    FrontHello,
+    FrontReady,
+    FrontSetup,
+    KeyChecked,
     ListDynos,
     LocalProtocolError,
     LogLines,
@@ -59,18 +75,28 @@ from gateway.core.protocol.messages import (
 )
 
 __all__ = [
+    "LISTENER_NAMES",
     "MAX_COMMAND",
+    "MAX_LISTENERS",
     "MAX_PACKET",
+    "MAX_SECRET",
     "MESSAGES",
     "REQUESTS",
     "SIGNALS",
     "Attach",
+    "Authorize",
+    "Authorized",
+    "CheckKey",
     "Conversation",
     "Dropped",
     "DynoInfo",
     "DynoList",
     "End",
     "Exited",
+    "FrontHello",
+    "FrontReady",
+    "FrontSetup",
+    "KeyChecked",
     "ListDynos",
     "LocalProtocolError",
     "LogLines",

@@ -11,9 +11,7 @@ from gateway.core.protocol.messages import (
     MESSAGES,
     DynoInfo,
     LocalProtocolError,
-    LogLines,
     Message,
-    MetricsText,
     Pty,
     RemoteProtocolError,
     Reserved,
@@ -56,8 +54,8 @@ def _build(cls: type[Message], body: dict[str, Any]) -> Message:
             if not isinstance(value, list) or not all(isinstance(d, dict) for d in value):
                 raise LocalProtocolError("dynos must be a list of objects")
             value = tuple(DynoInfo(**d) for d in value)
-        elif f.name == "lines" and cls in (LogLines, MetricsText):
-            value = tuple(value) if isinstance(value, list) else value
+        elif isinstance(value, list):  # JSON's arrays are the messages' tuples
+            value = tuple(value)
         kwargs[f.name] = value
     if body:
         raise LocalProtocolError(f"unknown fields {sorted(body)[:5]}")

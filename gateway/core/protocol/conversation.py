@@ -9,10 +9,17 @@ from dataclasses import dataclass
 from gateway.core.protocol.codec import decode, encode
 from gateway.core.protocol.messages import (
     Attach,
+    Authorize,
+    Authorized,
+    CheckKey,
     Dropped,
     DynoList,
     End,
     Exited,
+    FrontHello,
+    FrontReady,
+    FrontSetup,
+    KeyChecked,
     ListDynos,
     LocalProtocolError,
     LogLines,
@@ -47,6 +54,11 @@ class Phase(enum.Enum):
     LOG_STREAM = "streaming logs"  # LogLines and Dropped, until End (never, when tailing)
     METRICS_STREAM = "streaming metrics"
     LISTING = "await dyno list"
+    CHECKING_KEY = "await key check"
+    AUTHORIZING = "await authorization"
+    AWAIT_SETUP = "await front setup"
+    SETTING_UP = "setting up the front"  # the front opens its listeners, then says ready
+    FRONT_UP = "front up"  # nothing more is said: the connection is the front's lifeline
     DONE = "done"
 
 
@@ -57,6 +69,10 @@ _FROM_CLIENT: dict[tuple[Phase, type[Message]], Phase] = {
     (Phase.IDLE, Logs): Phase.LOG_STREAM,
     (Phase.IDLE, Metrics): Phase.METRICS_STREAM,
     (Phase.IDLE, ListDynos): Phase.LISTING,
+    (Phase.IDLE, CheckKey): Phase.CHECKING_KEY,
+    (Phase.IDLE, Authorize): Phase.AUTHORIZING,
+    (Phase.IDLE, FrontHello): Phase.AWAIT_SETUP,
+    (Phase.SETTING_UP, FrontReady): Phase.FRONT_UP,
     (Phase.RESERVED, Attach): Phase.AWAIT_STARTED,
     (Phase.RUNNING, Signal): Phase.RUNNING,
 }
@@ -70,11 +86,13 @@ _FROM_SERVER: dict[tuple[Phase, type[Message]], Phase] = {
     (Phase.LOG_STREAM, End): Phase.DONE,
     (Phase.METRICS_STREAM, MetricsText): Phase.METRICS_STREAM,
     (Phase.METRICS_STREAM, End): Phase.DONE,
+    (Phase.CHECKING_KEY, KeyChecked): Phase.DONE,
+    (Phase.AUTHORIZING, Authorized): Phase.DONE,
     **{
         (phase, Refused): Phase.DONE
         for phase in (
             Phase.AWAIT_RESERVED, Phase.AWAIT_STARTED, Phase.STOPPING, Phase.LOG_STREAM,
-            Phase.LISTING,
+            Phase.LISTING, Phase.CHECKING_KEY, Phase.AUTHORIZING, Phase.AWAIT_SETUP,
         )
     },
 }  # fmt: skip
@@ -112,6 +130,10 @@ class Conversation:
             assert isinstance(self.request, Run)
             wanted_fds = self.request.stream_count
             after = Phase.RUNNING if self.request.attach else Phase.DONE
+        elif sender is Role.SERVER and phase is Phase.AWAIT_SETUP and kind is FrontSetup:
+            assert isinstance(message, FrontSetup)
+            wanted_fds = message.fd_count
+            after = Phase.SETTING_UP
         elif (phase, kind) in table:
             after = table[phase, kind]
         else:

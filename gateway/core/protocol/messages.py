@@ -15,6 +15,9 @@ MAX_PACKET = 200 * 1024
 MAX_COMMAND = 128 * 1024 - 1
 MAX_NAME = 256  # app, dyno, size, connection ids, terminal types
 MAX_ENV = 64 * 1024  # all of a request's extra environment
+MAX_SECRET = 64 * 1024  # a private key or certificate chain, as PEM text
+MAX_LISTENERS = 12  # listening sockets handed to the front (systemd may pass several)
+LISTENER_NAMES = frozenset({"ssh", "rendezvous", "api", "metrics"})
 
 # RFC 4254 section 6.10 signal names: the only ones a client may send to a dyno.
 SIGNALS = frozenset(
@@ -68,6 +71,15 @@ def _count(value: object, what: str, limit: int) -> None:
 def _lines(value: object, what: str) -> None:
     if not isinstance(value, tuple) or not all(isinstance(line, str) for line in value):
         raise LocalProtocolError(f"{what} must be a list of strings")
+
+
+def _names(value: object, what: str, limit: int) -> None:
+    _lines(value, what)
+    assert isinstance(value, tuple)
+    if len(value) > limit:
+        raise LocalProtocolError(f"{what} holds more than {limit}")
+    for name in value:
+        _text(name, what)
 
 
 # -- the messages ------------------------------------------------------------------------
@@ -345,9 +357,116 @@ class Refused(Message):
         _text(self.message, "message", limit=4096)
 
 
-REQUESTS: tuple[type[Message], ...] = (Run, Stop, Logs, Metrics, ListDynos)
+# -- what the front asks of the privileged side: it holds no database, keys or ports ----
+
+
+@dataclass(frozen=True)
+class CheckKey(Message):
+    """May the key with this SHA256 fingerprint log in to `app`?"""
+
+    kind: ClassVar[str] = "check_key"
+    app: str
+    fingerprint: str
+
+    def __post_init__(self) -> None:
+        _text(self.app, "app")
+        _text(self.fingerprint, "fingerprint")
+
+
+@dataclass(frozen=True)
+class KeyChecked(Message):
+    kind: ClassVar[str] = "key_checked"
+    allowed: bool
+
+    def __post_init__(self) -> None:
+        _flag(self.allowed, "allowed")
+
+
+@dataclass(frozen=True)
+class Authorize(Message):
+    """A Platform API token: which apps it may use, and whether `app` (if given) is
+    one of them and exists."""
+
+    kind: ClassVar[str] = "authorize"
+    token: str
+    app: str | None = None
+
+    def __post_init__(self) -> None:
+        _text(self.token, "token", limit=1024)
+        _optional_text(self.app, "app")
+
+
+@dataclass(frozen=True)
+class Authorized(Message):
+    """`valid`: the token is known; `apps`: the ones it may use; `app_created_at`: when
+    the asked-for app was made, None if it is not one of them (or was not asked for)."""
+
+    kind: ClassVar[str] = "authorized"
+    valid: bool
+    apps: tuple[str, ...] = ()
+    app_created_at: float | None = None
+
+    def __post_init__(self) -> None:
+        _flag(self.valid, "valid")
+        _names(self.apps, "apps", 100_000)
+        if self.app_created_at is not None and (
+            isinstance(self.app_created_at, bool)
+            or not isinstance(self.app_created_at, int | float)
+        ):
+            raise LocalProtocolError("app_created_at must be a time")
+
+
+@dataclass(frozen=True)
+class FrontHello(Message):
+    """The front has started (and dropped its privileges): it asks for its listeners,
+    keys and audit trail. Its connection then stays open for the front's life."""
+
+    kind: ClassVar[str] = "front_hello"
+
+
+@dataclass(frozen=True)
+class FrontSetup(Message):
+    """What the front needs from the privileged side, in memory: the audit trail's
+    descriptor and one listening socket per name in `listeners` (in that order), the
+    host keys and the rendezvous certificate chain and key (PEM; empty without one)."""
+
+    kind: ClassVar[str] = "front_setup"
+    listeners: tuple[str, ...]
+    host_keys: tuple[str, ...]
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def __post_init__(self) -> None:
+        _names(self.listeners, "listeners", MAX_LISTENERS)
+        unknown = set(self.listeners) - LISTENER_NAMES
+        if unknown:
+            raise LocalProtocolError(f"unknown listener {sorted(unknown)[0][:32]!r}")
+        _lines(self.host_keys, "host_keys")
+        if not self.host_keys or len(self.host_keys) > 8:
+            raise LocalProtocolError("host_keys must hold from 1 to 8 keys")
+        for key in self.host_keys:
+            _text(key, "host key", limit=MAX_SECRET)
+        _text(self.tls_cert, "tls_cert", limit=MAX_SECRET, empty=True)
+        _text(self.tls_key, "tls_key", limit=MAX_SECRET, empty=True)
+
+    @property
+    def fd_count(self) -> int:
+        """The audit trail, then the listeners."""
+        return 1 + len(self.listeners)
+
+
+@dataclass(frozen=True)
+class FrontReady(Message):
+    """The front accepts connections on every listener it was given."""
+
+    kind: ClassVar[str] = "front_ready"
+
+
+REQUESTS: tuple[type[Message], ...] = (
+    Run, Stop, Logs, Metrics, ListDynos, CheckKey, Authorize, FrontHello,
+)  # fmt: skip
 _ALL: tuple[type[Message], ...] = (
         *REQUESTS, Attach, Signal, Reserved, Started, Exited, Stopping, LogLines, Dropped,
-        MetricsText, DynoList, End, Refused,
+        MetricsText, DynoList, End, Refused, KeyChecked, Authorized, FrontSetup, FrontReady,
     )  # fmt: skip
 MESSAGES: dict[str, type[Message]] = {cls.kind: cls for cls in _ALL}
