@@ -17,13 +17,16 @@ descriptors each one carries.
     CheckKey          S KeyChecked | Refused
     Authorize         S Authorized | Refused
     FrontHello        S FrontSetup+fds | Refused;  C FrontReady;  then silence until closed
+    Enter             S Started+fds | Refused;  C Signal*;  S Exited
+    Forward           S Forwarded+fd | Refused;  then S Ended when the dyno ends
 
 The descriptors with Started: a PTY master; or stdin, stdout and stderr; or stdin and one
-merged output. With FrontSetup: the audit trail's, then one listening socket per listener
-(the front holds no database, key file or privileged port of its own). Closing the
-connection ends the conversation; the front closing a running one is its client's
-hang-up, and the front's setup connection closing means that the front (or the manager)
-is gone.
+merged output; or, for a subsystem, stdin and stdout. With Forwarded: the connection's
+socket, made inside the dyno's network. With FrontSetup: the audit trail's, then one
+listening socket per listener (the front holds no database, key file or privileged port
+of its own). Closing the connection ends the conversation; the front closing a running
+one is its client's hang-up, and the front's setup connection closing means that the
+front (or the manager) is gone.
 
 Faults are split as h11 splits them: LocalProtocolError when *we* are about to break the
 protocol (our bug, or a value too large for it, such as a command no exec could take),
@@ -35,6 +38,7 @@ from gateway.core.protocol.codec import batches, decode, encode
 from gateway.core.protocol.conversation import Conversation, Phase, Role
 from gateway.core.protocol.messages import (
     LISTENER_NAMES,
+    LOOPBACK_ADDRESSES,
     MAX_COMMAND,
     MAX_LISTENERS,
     MAX_PACKET,
@@ -42,6 +46,7 @@ from gateway.core.protocol.messages import (
     MESSAGES,
     REQUESTS,
     SIGNALS,
+    SUBSYSTEMS,
     Attach,
     Authorize,
     Authorized,
@@ -50,7 +55,11 @@ from gateway.core.protocol.messages import (
     DynoInfo,
     DynoList,
     End,
+    Ended,
+    Enter,
     Exited,
+    Forward,
+    Forwarded,
     FrontHello,
     FrontReady,
     FrontSetup,
@@ -76,6 +85,7 @@ from gateway.core.protocol.messages import (
 
 __all__ = [
     "LISTENER_NAMES",
+    "LOOPBACK_ADDRESSES",
     "MAX_COMMAND",
     "MAX_LISTENERS",
     "MAX_PACKET",
@@ -83,6 +93,7 @@ __all__ = [
     "MESSAGES",
     "REQUESTS",
     "SIGNALS",
+    "SUBSYSTEMS",
     "Attach",
     "Authorize",
     "Authorized",
@@ -92,7 +103,11 @@ __all__ = [
     "DynoInfo",
     "DynoList",
     "End",
+    "Ended",
+    "Enter",
     "Exited",
+    "Forward",
+    "Forwarded",
     "FrontHello",
     "FrontReady",
     "FrontSetup",

@@ -25,6 +25,10 @@ SIGNALS = frozenset(
      "USR1", "USR2"}
 )  # fmt: skip
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Subsystems a session may ask for: `sftp` (OpenSSH's sftp and scp).
+SUBSYSTEMS = frozenset({"sftp"})
+# What a forwarded connection may reach: the dyno's own loopback, nothing else.
+LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 
 
 class ProtocolError(Exception):
@@ -120,48 +124,120 @@ class Run(Message):
     await_attach: bool = False
     # One stream for stdout and stderr (the rendezvous carries them merged).
     merge_output: bool = False
+    # A subsystem instead of a command: its stderr is the manager's (sftp-server's log,
+    # for the audit trail), so Started carries stdin and stdout.
+    subsystem: str | None = None
 
     def __post_init__(self) -> None:
         _text(self.app, "app")
-        if self.command is not None:
-            if not isinstance(self.command, str):
-                raise LocalProtocolError("command must be a string")
-            size = len(self.command.encode(errors="surrogatepass"))
-            if size > MAX_COMMAND:
-                raise LocalProtocolError(
-                    f"the command is {size} bytes, more than the {MAX_COMMAND} one process "
-                    "argument can hold; send a long script on stdin instead "
-                    "(ssh APP@HOST bash < script.sh)"
-                )
-            if "\0" in self.command:
-                raise LocalProtocolError("the command holds a NUL byte, which no exec can take")
-        _text(self.connection, "connection")
-        if self.pty is not None and not isinstance(self.pty, Pty):
-            raise LocalProtocolError("pty must be a terminal's type and size")
-        if not isinstance(self.env, dict):
-            raise LocalProtocolError("env must map names to values")
-        total = 0
-        for name, value in self.env.items():
-            if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-                raise LocalProtocolError(f"env: {str(name)[:64]!r} is not a variable name")
-            _text(value, f"env {name}", limit=MAX_ENV, empty=True)
-            total += len(name) + len(value)
-        if total > MAX_ENV:
-            raise LocalProtocolError(f"env is over {MAX_ENV} bytes")
+        _session(self)
         _optional_text(self.size, "size")
         for name in ("attach", "await_attach", "merge_output"):
             _flag(getattr(self, name), name)
         if self.await_attach and not self.attach:
             raise LocalProtocolError("await_attach needs attach")
+        if self.subsystem is not None and (not self.attach or self.merge_output):
+            raise LocalProtocolError("a subsystem is attached, with stdout of its own")
 
     @property
     def stream_count(self) -> int:
         """How many descriptors Started carries for this request."""
         if not self.attach:
             return 0
-        if self.pty is not None:
-            return 1
-        return 2 if self.merge_output else 3
+        return _stream_count(self.pty, self.subsystem, self.merge_output)
+
+
+def _session(request: Run | Enter) -> None:
+    """The checks Run and Enter share: what the process runs, with what."""
+    command = request.command
+    if command is not None:
+        if not isinstance(command, str):
+            raise LocalProtocolError("command must be a string")
+        size = len(command.encode(errors="surrogatepass"))
+        if size > MAX_COMMAND:
+            raise LocalProtocolError(
+                f"the command is {size} bytes, more than the {MAX_COMMAND} one process "
+                "argument can hold; send a long script on stdin instead "
+                "(ssh APP@HOST bash < script.sh)"
+            )
+        if "\0" in command:
+            raise LocalProtocolError("the command holds a NUL byte, which no exec can take")
+    _text(request.connection, "connection")
+    if request.pty is not None and not isinstance(request.pty, Pty):
+        raise LocalProtocolError("pty must be a terminal's type and size")
+    if not isinstance(request.env, dict):
+        raise LocalProtocolError("env must map names to values")
+    total = 0
+    for name, value in request.env.items():
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise LocalProtocolError(f"env: {str(name)[:64]!r} is not a variable name")
+        _text(value, f"env {name}", limit=MAX_ENV, empty=True)
+        total += len(name) + len(value)
+    if total > MAX_ENV:
+        raise LocalProtocolError(f"env is over {MAX_ENV} bytes")
+    if request.subsystem is not None:
+        if request.subsystem not in SUBSYSTEMS:
+            raise LocalProtocolError(f"subsystem {str(request.subsystem)[:32]!r} is not offered")
+        if command is not None or request.pty is not None:
+            raise LocalProtocolError("a subsystem runs without a command or a terminal")
+
+
+def _stream_count(pty: Pty | None, subsystem: str | None, merge_output: bool) -> int:
+    if pty is not None:
+        return 1
+    return 2 if subsystem is not None or merge_output else 3
+
+
+@dataclass(frozen=True)
+class Enter(Message):
+    """Start a process inside the running dyno `dyno` of `app` (`ssh APP.run.N`): in its
+    namespaces, cgroup and root, as its user, with its environment. `command` None: a
+    shell; `subsystem`: sftp-server, as with Run."""
+
+    kind: ClassVar[str] = "enter"
+    app: str
+    dyno: str
+    command: str | None
+    connection: str
+    pty: Pty | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    subsystem: str | None = None
+
+    def __post_init__(self) -> None:
+        _text(self.app, "app")
+        _text(self.dyno, "dyno")
+        _session(self)
+
+    @property
+    def attach(self) -> bool:
+        return True
+
+    @property
+    def stream_count(self) -> int:
+        return _stream_count(self.pty, self.subsystem, False)
+
+
+@dataclass(frozen=True)
+class Forward(Message):
+    """A TCP connection to `port` on `address` (its loopback) inside the running dyno
+    `dyno` of `app`, for an SSH direct-tcpip channel (`ssh -L`, `-D`)."""
+
+    kind: ClassVar[str] = "forward"
+    app: str
+    dyno: str
+    address: str
+    port: int
+    connection: str
+
+    def __post_init__(self) -> None:
+        _text(self.app, "app")
+        _text(self.dyno, "dyno")
+        if self.address not in LOOPBACK_ADDRESSES:
+            raise LocalProtocolError("a forwarded connection goes to the dyno's loopback only")
+        _count(self.port, "port", 65535)
+        if self.port == 0:
+            raise LocalProtocolError("port must be from 1 to 65535")
+        _text(self.connection, "connection")
 
 
 @dataclass(frozen=True)
@@ -245,6 +321,8 @@ class DynoInfo:
     attached: bool
     created_at: float
     release_version: int
+    sessions: int = 0  # processes entered into it now (ssh APP.run.N, sftp)
+    forwards: int = 0  # forwarded connections into it now
 
     def __post_init__(self) -> None:
         for name in ("name", "size", "state"):
@@ -257,6 +335,8 @@ class DynoInfo:
                 raise LocalProtocolError(f"dyno {name} must be a time")
         _flag(self.attached, "dyno attached")
         _count(self.release_version, "dyno release_version", 2**31)
+        _count(self.sessions, "dyno sessions", 2**31)
+        _count(self.forwards, "dyno forwards", 2**31)
 
 
 @dataclass(frozen=True)
@@ -287,6 +367,21 @@ class Exited(Message):
         if self.status is not None:
             _count(self.status, "status", 255)
         _optional_text(self.signal, "signal")
+
+
+@dataclass(frozen=True)
+class Forwarded(Message):
+    """The forwarded connection: its socket comes with this message (still connecting:
+    writable once it is connected, or failed)."""
+
+    kind: ClassVar[str] = "forwarded"
+
+
+@dataclass(frozen=True)
+class Ended(Message):
+    """The dyno a forwarded connection went into has ended: close it."""
+
+    kind: ClassVar[str] = "ended"
 
 
 @dataclass(frozen=True)
@@ -463,10 +558,11 @@ class FrontReady(Message):
 
 
 REQUESTS: tuple[type[Message], ...] = (
-    Run, Stop, Logs, Metrics, ListDynos, CheckKey, Authorize, FrontHello,
+    Run, Stop, Logs, Metrics, ListDynos, CheckKey, Authorize, FrontHello, Enter, Forward,
 )  # fmt: skip
 _ALL: tuple[type[Message], ...] = (
         *REQUESTS, Attach, Signal, Reserved, Started, Exited, Stopping, LogLines, Dropped,
         MetricsText, DynoList, End, Refused, KeyChecked, Authorized, FrontSetup, FrontReady,
+        Forwarded, Ended,
     )  # fmt: skip
 MESSAGES: dict[str, type[Message]] = {cls.kind: cls for cls in _ALL}
