@@ -95,6 +95,9 @@ def test_a_command_runs_inside_the_dyno_as_the_dyno(gw: Gateway) -> None:
     assert b"SECRET=s3cret" in inside.stdout and f"DYNO={dyno}".encode() in inside.stdout
     if sandbox_of(gw) == "namespaces":
         assert b"uid=100000(u100000)" in inside.stdout  # the app's own user, by name too
+        # The files written for it are its to read, whatever the manager's umask.
+        readable = gw.ssh(target, "test -r /etc/resolv.conf -a -r /etc/group && echo readable")
+        assert readable.stdout == b"readable\n", readable.stderr
 
     # Separate streams, stdin, the exit status, as any session.
     result = gw.ssh(target, "cat log.txt; echo to-stderr >&2; wc -c; exit 3", input=b"four")

@@ -183,9 +183,11 @@ static void bind_mount(const char *source, const char *target, unsigned long ext
         die(target);
 }
 
+/* A file every process of the dyno reads (resolv.conf, passwd): 0644 whatever the
+ * manager's umask (077: its state is private). */
 static void write_text(const char *path, const char *text) {
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
+    if (fd < 0 || fchmod(fd, 0644) < 0)
         die(path);
     size_t len = strlen(text);
     if (write(fd, text, len) != (ssize_t)len)
