@@ -36,17 +36,23 @@ LocalProtocolError raised while building a request from user input is fit for th
 
 from gateway.core.protocol.codec import batches, decode, encode
 from gateway.core.protocol.conversation import Conversation, Phase, Role
+from gateway.core.protocol.fields import (
+    MAX_COMMAND,
+    SUBSYSTEMS,
+    LocalProtocolError,
+    ProtocolError,
+    Pty,
+    RemoteProtocolError,
+)
 from gateway.core.protocol.messages import (
     LISTENER_NAMES,
     LOOPBACK_ADDRESSES,
-    MAX_COMMAND,
     MAX_LISTENERS,
     MAX_PACKET,
     MAX_SECRET,
     MESSAGES,
     REQUESTS,
     SIGNALS,
-    SUBSYSTEMS,
     Attach,
     Authorize,
     Authorized,
@@ -65,16 +71,12 @@ from gateway.core.protocol.messages import (
     FrontSetup,
     KeyChecked,
     ListDynos,
-    LocalProtocolError,
     LogLines,
     Logs,
     Message,
     Metrics,
     MetricsText,
-    ProtocolError,
-    Pty,
     Refused,
-    RemoteProtocolError,
     Reserved,
     Run,
     Signal,

@@ -7,6 +7,11 @@ import enum
 from dataclasses import dataclass
 
 from gateway.core.protocol.codec import decode, encode
+from gateway.core.protocol.fields import (
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from gateway.core.protocol.messages import (
     Attach,
     Authorize,
@@ -25,15 +30,12 @@ from gateway.core.protocol.messages import (
     FrontSetup,
     KeyChecked,
     ListDynos,
-    LocalProtocolError,
     LogLines,
     Logs,
     Message,
     Metrics,
     MetricsText,
-    ProtocolError,
     Refused,
-    RemoteProtocolError,
     Reserved,
     Run,
     Signal,
