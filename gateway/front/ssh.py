@@ -275,6 +275,8 @@ class GatewayServer(asyncssh.SSHServer):
             return False
         try:
             allowed = await self.check_key(username, fingerprint)
+        except p.LocalProtocolError:  # no app could have this name (empty, too long)
+            allowed = False
         except ManagerError as exc:
             # Not the client's fault (the database or the manager is down): no failure
             # counted, and it is told why (OpenSSH prints the disconnect message).
