@@ -170,9 +170,9 @@ def _fingerprint(key: Path) -> str:
     return out.stdout.split()[1]
 
 
+# The process sandbox has no namespaces: its dynos, entered or not, see the host.
+@pytest.mark.parametrize("gw", ["namespaces"], indirect=True)
 def test_an_exec_sees_only_its_own_dyno(gw: Gateway) -> None:
-    if sandbox_of(gw) != "namespaces":
-        pytest.skip("the process sandbox has no namespaces: its dynos see the host")
     app, other = gw.new_app(), gw.new_app()
     dyno = detached(gw, app, "exec sleep 701")
     detached(gw, app, "exec sleep 702")
