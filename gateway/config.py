@@ -126,6 +126,9 @@ class DynoSettings:
     # memory in MB, and processes.
     host_reserve_memory: int = 1024
     host_reserve_pids: int = 1024
+    # The SFTP server a dyno runs for `sftp` and `scp` (a path inside the dyno: the
+    # stack's /usr); "" refuses the sftp subsystem.
+    sftp_server: str = "/usr/lib/openssh/sftp-server"
 
     @property
     def uid_range_bounds(self) -> tuple[int, int]:
@@ -348,6 +351,11 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
         raise ConfigError(
             f"{source}: 'dynos.max_size' {config.dynos.max_size!r} is not a size: choose "
             f'one of {", ".join(config.sizes)} (or "" for every size)'
+        )
+    if config.dynos.sftp_server and not config.dynos.sftp_server.startswith("/"):
+        raise ConfigError(
+            f"{source}: 'dynos.sftp_server' must be an absolute path inside the dyno "
+            '(or "" to refuse sftp)'
         )
     if config.dynos.network not in NETWORKS:
         raise ConfigError(

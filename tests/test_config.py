@@ -99,6 +99,7 @@ def test_environment_variable_names_the_file(
         ('[dynos]\nuid_range = "many"\n', "'dynos.uid_range' must be FIRST-LAST"),
         ('[dynos]\nsubnet = "10.0.0.0/30"\n', "has room for too few dynos"),
         ('[dynos]\nsubnet = "fd00::/64"\n', "'dynos.subnet' must be an IPv4 network"),
+        ('[dynos]\nsftp_server = "sftp-server"\n', "'dynos.sftp_server' must be an absolute"),
         ('[dynos]\nmax_size = "huge"\n', "'dynos.max_size' 'huge' is not a size"),
         ('[ssh]\nlisten = "2222"\n', "'ssh.listen': expected HOST:PORT"),
         ("ssh = 3\n", "'ssh' must be a table"),

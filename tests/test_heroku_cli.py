@@ -139,8 +139,18 @@ def test_detached_logs_ps_and_stop(heroku: Heroku) -> None:
     listing = heroku.run("ps", "-a", heroku.app).stdout.decode()
     assert "=== run: one-off processes (1)" in listing
     assert re.search(
-        rf"{re.escape(name)} \(Standard-1X\): up .*: echo detached-hello; sleep 60", listing
+        rf"{re.escape(name)} \(Standard-1X\): up .*: echo detached-hello; sleep 60$", listing, re.M
     )
+    # A session inside the dyno (ssh APP.run.N, as heroku ps:exec): ps says so.
+    inside = subprocess.Popen(heroku.gateway.ssh_argv(f"{heroku.app}.{name}", "sleep 60"))
+    try:
+        assert wait_until(
+            lambda: "sleep 60 (1 session)" in heroku.run("ps", "-a", heroku.app).stdout.decode(),
+            20,
+        )
+    finally:
+        inside.kill()
+        inside.wait()
     stopped = heroku.run("ps:stop", name, "-a", heroku.app)
     assert stopped.returncode == 0, stopped.stderr
     assert wait_until(

@@ -91,6 +91,64 @@ def test_a_reserved_run_waits_for_attach() -> None:
     assert pair.phases == (p.Phase.RUNNING, p.Phase.RUNNING)
 
 
+def enter(**changes: object) -> p.Enter:
+    fields: dict[str, object] = {
+        "app": "shop", "dyno": "run.7", "command": "cat log/x", "connection": "c1",
+    }  # fmt: skip
+    fields.update(changes)
+    return p.Enter(**fields)  # type: ignore[arg-type]
+
+
+def forward(**changes: object) -> p.Forward:
+    fields: dict[str, object] = {
+        "app": "shop", "dyno": "run.7", "address": "127.0.0.1", "port": 5000,
+        "connection": "c1",
+    }  # fmt: skip
+    fields.update(changes)
+    return p.Forward(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("request_", "streams"),
+    [(enter(), 3), (enter(pty=p.Pty("xterm", 80, 24), command=None), 1),
+     (enter(subsystem="sftp", command=None), 2), (run(subsystem="sftp", command=None), 2)],
+    ids=["pipes", "terminal", "sftp", "sftp-in-a-new-dyno"],
+)  # fmt: skip
+def test_an_entered_process_runs_like_an_attached_dyno(
+    request_: p.Enter | p.Run, streams: int
+) -> None:
+    pair = Pair()
+    assert pair.up(request_) == request_
+    with pytest.raises(p.LocalProtocolError, match=f"with {streams + 1} descriptors"):
+        p.Conversation(p.Role.SERVER, p.Phase.AWAIT_STARTED, request_).send(
+            p.Started(dyno("run.7")), fds=streams + 1
+        )
+    pair.down(p.Started(dyno("run.7")), fds=streams)
+    pair.up(p.Signal("TERM"))
+    assert pair.phases == (p.Phase.RUNNING, p.Phase.RUNNING)
+    pair.down(p.Exited(status=0, signal=None))
+    assert pair.phases == (p.Phase.DONE, p.Phase.DONE)
+
+
+def test_a_forward_carries_one_socket_and_ends_when_the_dyno_does() -> None:
+    pair = Pair()
+    assert pair.up(forward(address="::1", port=65535)) == forward(address="::1", port=65535)
+    with pytest.raises(p.LocalProtocolError, match="0 descriptors, not 1"):
+        p.Conversation(p.Role.SERVER, p.Phase.AWAIT_FORWARDED, forward()).send(p.Forwarded())
+    pair.down(p.Forwarded(), fds=1)
+    assert pair.phases == (p.Phase.FORWARDING, p.Phase.FORWARDING)
+    with pytest.raises(p.LocalProtocolError, match="may not send signal while forwarding"):
+        pair.client.send(p.Signal("INT"))
+    pair.down(p.Ended())
+    assert pair.phases == (p.Phase.DONE, p.Phase.DONE)
+
+
+def test_dyno_info_carries_what_is_inside_it() -> None:
+    busy = p.DynoInfo("run.7", "standard-1x", "up", 1.0, "bash", True, 1.0, 3, 2, 5)
+    assert p.decode(p.encode(p.DynoList((busy,)))) == p.DynoList((busy,))
+    assert dyno().sessions == 0 and dyno().forwards == 0
+
+
 @pytest.mark.parametrize(
     "request_",
     [
@@ -102,9 +160,11 @@ def test_a_reserved_run_waits_for_attach() -> None:
         p.CheckKey("shop", "SHA256:x"),
         p.Authorize("t0ken"),
         p.FrontHello(),
+        enter(),
+        forward(),
     ],
     ids=lambda r: r.kind,
-)
+)  # fmt: skip
 def test_any_request_may_be_refused_and_that_ends_it(request_: p.Message) -> None:
     pair = Pair()
     pair.up(request_)
@@ -234,6 +294,16 @@ def test_a_message_too_large_for_a_packet_is_refused_before_sending() -> None:
         (lambda: p.Signal("STOP"), "not allowed"),
         (lambda: p.Logs("shop", lines=-1), "lines must be a whole number"),
         (lambda: p.Exited(status=256, signal=None), "status"),
+        (lambda: enter(dyno=""), "dyno must not be empty"),
+        (lambda: enter(subsystem="x11"), "subsystem 'x11' is not offered"),
+        (lambda: enter(subsystem="sftp"), "without a command or a terminal"),
+        (lambda: run(subsystem="sftp", command=None, merge_output=True), "stdout of its own"),
+        (lambda: run(subsystem="sftp", command=None, attach=False), "is attached"),
+        (lambda: forward(address="10.0.0.1"), "the dyno's loopback only"),
+        (lambda: forward(address="localhost"), "the dyno's loopback only"),
+        (lambda: forward(port=0), "port must be from 1 to 65535"),
+        (lambda: forward(port=65536), "port must be a whole number"),
+        (lambda: p.DynoInfo("run.1", "s", "up", 1.0, "", True, 1.0, 1, -1), "sessions"),
     ],
 )
 def test_messages_check_their_fields_when_built(build: object, words: str) -> None:

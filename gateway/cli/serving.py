@@ -151,6 +151,7 @@ def check(args: argparse.Namespace, config: Config) -> int:
     results.append(_check_uid_range(config))
     results.extend(_check_modes(config))
     results.append(_check_front_user(config))
+    results.append(_check_sftp(config))
     logging.disable(logging.WARNING)
     try:
         results.append((True, trio.run(choose_sandbox, config).describe()))
@@ -182,6 +183,21 @@ def _check_sizes(config: Config) -> list[tuple[bool, str]]:
         return [(True, f"sizes: {', '.join(config.sizes)} fit this host")]
     fix = f"lower or remove it in [sizes] ({config.source})"
     return [(False, f"size {line}: {fix}") for line in found]
+
+
+def _check_sftp(config: Config) -> tuple[bool, str]:
+    """The SFTP server dynos run for `sftp` and `scp` (docs/exec.md)."""
+    from gateway.manager.sftp import missing
+
+    server = config.dynos.sftp_server
+    if not server:
+        return True, 'sftp: turned off ([dynos] sftp_server = "")'
+    if os.access(server, os.X_OK):
+        return True, f"sftp: {server}"
+    return False, (
+        f"sftp: {missing(server)}; or set [dynos] sftp_server in {config.source} "
+        '("" turns sftp and scp off)'
+    )
 
 
 def _check_uid_range(config: Config) -> tuple[bool, str]:

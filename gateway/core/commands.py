@@ -254,7 +254,7 @@ def ago(seconds: float) -> str:
 
 
 def dyno_json(dyno: DynoInfo) -> dict[str, object]:
-    """The fields `heroku ps --json` gives a one-off dyno."""
+    """The fields `heroku ps --json` gives a one-off dyno, and what is inside it now."""
     return {
         "name": dyno.name,
         "type": "run",
@@ -264,7 +264,20 @@ def dyno_json(dyno: DynoInfo) -> dict[str, object]:
         "attached": dyno.attached,
         "created_at": iso_time(dyno.created_at),
         "updated_at": iso_time(dyno.since),
+        "sessions": dyno.sessions,
+        "forwarded_connections": dyno.forwards,
     }
+
+
+def inside(dyno: DynoInfo) -> str:
+    """What runs inside a dyno besides its command, as run:list and `heroku ps` show it
+    after the command: ` (2 sessions, 1 forwarded connection)`, or nothing."""
+    parts = [
+        f"{count} {word}{'' if count == 1 else 's'}"
+        for count, word in ((dyno.sessions, "session"), (dyno.forwards, "forwarded connection"))
+        if count
+    ]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def iso_time(timestamp: float) -> str:
@@ -275,13 +288,13 @@ def format_ps(dynos: Sequence[DynoInfo], now: float) -> str:
     """`heroku ps`'s one-off section:
 
     === run: one-off processes (1)
-    run.1 (Standard-1X): up 2026/11/29 12:00:00 +0000 (~ 1m ago): bash
+    run.1 (Standard-1X): up 2026/11/29 12:00:00 +0000 (~ 1m ago): bash (1 session)
     """
     lines = [f"=== run: one-off processes ({len(dynos)})"]
     for dyno in dynos:
         when = datetime.fromtimestamp(dyno.since, UTC).strftime("%Y/%m/%d %H:%M:%S +0000")
         lines.append(
             f"{dyno.name} ({size_label(dyno.size)}): {dyno.state} {when} "
-            f"({ago(now - dyno.since)} ago): {dyno.command}"
+            f"({ago(now - dyno.since)} ago): {dyno.command}{inside(dyno)}"
         )
     return "\n".join(lines) + "\n"

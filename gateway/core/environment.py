@@ -24,6 +24,16 @@ def dyno_env(
     env["DYNO"] = name
     env["PORT"] = str(port)
     env["PWD"] = app_dir
+    return with_terminal(env, pty)
+
+
+TERMINAL_VARS = ("TERM", "COLUMNS", "LINES")
+
+
+def with_terminal(env: dict[str, str], pty: Pty | None) -> dict[str, str]:
+    """`env` with the terminal's variables of `pty` (none without one): a dyno's own
+    environment, for another process on another terminal (ssh APP.run.N)."""
+    env = {key: value for key, value in env.items() if key not in TERMINAL_VARS}
     if pty is not None:
         env["TERM"] = pty.term or "xterm"
         env["COLUMNS"], env["LINES"] = str(pty.cols), str(pty.rows)

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.core.commands import iso_time, size_label
+from gateway.core.commands import inside, iso_time, size_label
 from gateway.core.names import InvalidName, check_config_key
 from gateway.core.protocol import DynoInfo
 from gateway.core.rendezvous import strip_exit_suffix
@@ -114,13 +114,20 @@ def app_body(name: str, created_at: float, account_id: str) -> dict[str, Any]:
     }
 
 
-def dyno_body(app: str, row: DynoInfo, attach_url: str | None = None) -> dict[str, Any]:
+def dyno_body(
+    app: str, row: DynoInfo, attach_url: str | None = None, listing: bool = False
+) -> dict[str, Any]:
+    """A dyno as the API shows it. In a `listing` (what `heroku ps` prints), the command
+    says what else is inside the dyno (`bash (1 session)`): the CLI prints no other field
+    of a one-off dyno; `sessions` and `forwarded_connections` say it for scripts."""
     return {
         "id": stable_id("dyno", app, row.name, str(row.created_at)),
         "name": row.name,
         "type": "run",
         "state": row.state,
-        "command": row.command,
+        "command": row.command + (inside(row) if listing else ""),
+        "sessions": row.sessions,
+        "forwarded_connections": row.forwards,
         "size": size_label(row.size),
         "attach_url": attach_url,
         "created_at": iso_time(row.created_at),

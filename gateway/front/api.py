@@ -203,7 +203,7 @@ class PlatformAPI:
         name, _created = access.app()
         async with await ManagerLink.open(self.manager) as link:
             dynos = await link.list_dynos(name)
-        return 200, [api.dyno_body(name, dyno) for dyno in dynos]
+        return 200, [api.dyno_body(name, dyno, listing=True) for dyno in dynos]
 
     async def get_dyno(self, access: Access, params: dict[str, str], *_: Any) -> tuple[int, Any]:
         name, _created = access.app()

@@ -1,5 +1,5 @@
-"""A server channel that grants the client window only for data the dyno has taken, and
-sends what one write makes in one transport write.
+"""Server channels (sessions, and forwarded TCP connections) that grant the client window
+only for data the dyno has taken, and send what one write makes in one transport write.
 
 Window: asyncssh 2.24 sends a window adjust in `_deliver_data` as if nothing were waiting
 in its receive buffer: after `pause_reading()`, the next resume grants a full new window
@@ -20,6 +20,7 @@ import contextlib
 from typing import Any
 
 import asyncssh
+from asyncssh.channel import SSHChannel
 
 
 class _Collector:
@@ -37,7 +38,7 @@ class _Collector:
         return getattr(self.transport, name)
 
 
-class FlowControlledChannel(asyncssh.SSHServerChannel[bytes]):
+class _FlowControl(SSHChannel[bytes]):
     def _deliver_data(self, data: bytes, datatype: Any) -> None:
         buffered = sum(len(chunk) for chunk, _ in self._recv_buf)
         # Seen from the parent, the buffered bytes are window the client still has.
@@ -71,10 +72,25 @@ class FlowControlledChannel(asyncssh.SSHServerChannel[bytes]):
                         transport.write(b"".join(collector.parts))
 
 
+class FlowControlledChannel(_FlowControl, asyncssh.SSHServerChannel[bytes]):
+    """A session channel."""
+
+
+class FlowControlledTCPChannel(_FlowControl, asyncssh.SSHTCPChannel[bytes]):
+    """A forwarded TCP connection's channel (`ssh -L`, `-D`)."""
+
+
 def adopt(channel: asyncssh.SSHServerChannel[bytes]) -> FlowControlledChannel:
     """Turn the channel asyncssh made into a FlowControlledChannel. asyncssh builds server
     channels from connection internals, so changing the class of the one it made is the
     smallest way in; the subclass adds no state."""
     channel.__class__ = FlowControlledChannel
     assert isinstance(channel, FlowControlledChannel)
+    return channel
+
+
+def adopt_tcp(channel: asyncssh.SSHTCPChannel[bytes]) -> FlowControlledTCPChannel:
+    """The same for a forwarded TCP connection's channel."""
+    channel.__class__ = FlowControlledTCPChannel
+    assert isinstance(channel, FlowControlledTCPChannel)
     return channel

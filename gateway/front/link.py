@@ -130,10 +130,26 @@ class ManagerLink:
 
     # -- the conversations -------------------------------------------------------------
 
-    async def start(self, run: p.Run) -> Streams:
-        """Run a dyno (attached or detached): it is up when this returns."""
+    async def start(self, run: p.Run | p.Enter) -> Streams:
+        """Run a dyno (attached or detached), or a process inside a running one (Enter):
+        it is up when this returns."""
         await self._send(run)
         return await self._started()
+
+    async def forward(self, request: p.Forward) -> int:
+        """A connection inside a running dyno: its socket (non-blocking, maybe still
+        connecting), ours to close. The link then stays open until `until_ended`."""
+        await self._send(request)
+        message, fds = await self._receive_with_fds()
+        if isinstance(message, p.Refused):
+            raise ManagerRefused(message.message)
+        assert isinstance(message, p.Forwarded)  # the conversation allows nothing else
+        return fds[0]
+
+    async def until_ended(self) -> None:
+        """Until the dyno of a forwarded connection ends (or the manager goes away)."""
+        with contextlib.suppress(ManagerGone):
+            await self._reply(p.Ended)
 
     async def reserve(self, run: p.Run) -> p.DynoInfo:
         """Run with await_attach: the dyno is named and waits for `attach`."""

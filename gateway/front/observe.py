@@ -38,6 +38,10 @@ BYTES = Counter(
 )  # fmt: skip
 
 
+FORWARDS = Counter(
+    "gateway_forwards", "Forwarded connections into dynos, by outcome (open, refused)",
+    ["outcome"], registry=REGISTRY,
+)  # fmt: skip
 UNAUTHENTICATED = Gauge(
     "gateway_unauthenticated_connections",
     "Connections not yet authenticated, by listener and state (handshake, waiting)",
@@ -123,23 +127,70 @@ class Observer:
         self.audit.event("auth", conn=conn, app=app, key=key, source=source, result=result)
 
     def session(
-        self, conn: str, app: str, dyno: str, size: str, command: str | None, tty: bool, via: str
+        self,
+        conn: str,
+        app: str,
+        dyno: str,
+        size: str,
+        command: str | None,
+        tty: bool,
+        via: str,
+        entered: bool = False,
+        subsystem: str | None = None,
     ) -> SessionTrace:
+        """An attached session starts: in a new dyno (`session_start`), or a process
+        entered into a running one (`exec_start`, ssh APP.run.N)."""
         SESSIONS_TOTAL.labels(app, size, via).inc()
         SESSIONS.labels(app, size).inc()
         self.audit.event(
-            "session_start", conn=conn, app=app, dyno=dyno, size=size, command=command,
-            terminal=tty, via=via,
+            "exec_start" if entered else "session_start", conn=conn, app=app, dyno=dyno,
+            size=size, command=command, subsystem=subsystem, terminal=tty, via=via,
         )  # fmt: skip
-        return SessionTrace(self, conn, app, dyno, size)
+        return SessionTrace(self, conn, app, dyno, size, entered)
+
+    def forward(self, conn: str, app: str, dyno: str, target: str, source: str) -> ForwardTrace:
+        """A forwarded connection into a dyno is open (`target`: host:port as the client
+        asked; `source`: where the client's end says it came from)."""
+        FORWARDS.labels("open").inc()
+        self.audit.event("forward", conn=conn, app=app, dyno=dyno, target=target, source=source)
+        return ForwardTrace(self, conn, app, dyno, target)
+
+    def forward_refused(
+        self, conn: str, app: str, dyno: str | None, target: str, reason: str
+    ) -> None:
+        FORWARDS.labels("refused").inc()
+        self.audit.event(
+            "forward_refused", conn=conn, app=app, dyno=dyno, target=target, reason=reason
+        )
+
+
+class ForwardTrace:
+    """A forwarded connection from open to close, for its closing audit event."""
+
+    def __init__(self, observer: Observer, conn: str, app: str, dyno: str, target: str) -> None:
+        self.observer = observer
+        self.conn, self.app, self.dyno, self.target = conn, app, dyno, target
+        self.started = time.monotonic()
+
+    def ended(self, bytes_in: int, bytes_out: int) -> None:
+        BYTES.labels("in").inc(bytes_in)
+        BYTES.labels("out").inc(bytes_out)
+        self.observer.audit.event(
+            "forward_end", conn=self.conn, app=self.app, dyno=self.dyno, target=self.target,
+            bytes_in=bytes_in, bytes_out=bytes_out,
+            duration=round(time.monotonic() - self.started, 3),
+        )  # fmt: skip
 
 
 class SessionTrace:
     """An attached session from start to end, for its closing audit event."""
 
-    def __init__(self, observer: Observer, conn: str, app: str, dyno: str, size: str) -> None:
+    def __init__(
+        self, observer: Observer, conn: str, app: str, dyno: str, size: str, entered: bool
+    ) -> None:
         self.observer = observer
         self.conn, self.app, self.dyno, self.size = conn, app, dyno, size
+        self.entered = entered
         self.started = time.monotonic()
         self.exit_status: int | None = None
         self.exit_signal: str | None = None
@@ -154,7 +205,8 @@ class SessionTrace:
         BYTES.labels("in").inc(bytes_in)
         BYTES.labels("out").inc(bytes_out)
         self.observer.audit.event(
-            "session_end", conn=self.conn, app=self.app, dyno=self.dyno,
+            "exec_end" if self.entered else "session_end", conn=self.conn, app=self.app,
+            dyno=self.dyno,
             exit_status=self.exit_status, exit_signal=self.exit_signal,
             disconnected=self.exit_status is None and self.exit_signal is None,
             bytes_in=bytes_in, bytes_out=bytes_out,

@@ -62,8 +62,9 @@ class OutputPump:
         except BlockingIOError:
             return
         except OSError as exc:
-            # EIO on a PTY master: every slave fd is closed, the terminal has hung up.
-            if exc.errno != errno.EIO:
+            # EIO on a PTY master: every slave fd is closed, the terminal has hung up; a
+            # forwarded connection's socket ends with a reset or a timeout.
+            if exc.errno not in (errno.EIO, errno.ECONNRESET, errno.ETIMEDOUT):
                 raise
             data = b""
         if data:
@@ -76,16 +77,23 @@ class OutputPump:
 
 
 class InputPump:
-    """Writes channel data into a dyno's stdin (or PTY master), pausing the channel while
-    the dyno is not reading."""
+    """Writes channel data into a dyno's stdin (or PTY master, or a forwarded connection's
+    socket), pausing the channel while the dyno is not reading. At the end of the input,
+    once all of it is written, it closes `fd` (`close_on_eof`) and calls `finished`."""
 
     def __init__(
-        self, fd: int, pause: Callable[[], None], resume: Callable[[], None], close_on_eof: bool
+        self,
+        fd: int,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        close_on_eof: bool,
+        finished: Callable[[], None] | None = None,
     ) -> None:
         self.fd = fd
         self._pause = pause
         self._resume = resume
         self._close_on_eof = close_on_eof
+        self._finished = finished
         self._loop = asyncio.get_running_loop()
         self._pending = bytearray()
         self._eof = False
@@ -140,6 +148,8 @@ class InputPump:
     def _finish(self) -> None:
         if self._close_on_eof and not self.closed:
             self.close()
+        if self._finished is not None:
+            self._finished()
 
     def close(self) -> None:
         """Stop writing; closes the fd when it is ours alone (not a PTY master)."""

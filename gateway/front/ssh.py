@@ -1,4 +1,6 @@
 """SSH authentication and session set-up: the user name is the app, keys are per app.
+The user `APP.DYNO` addresses the running dyno DYNO of APP (docs/exec.md), with APP's
+keys: its sessions run inside that dyno, and only it takes forwarded connections.
 
 An unknown app and a wrong key look the same to the client: both are a refused key.
 Before authentication: admission (gateway/front/gate.py: who may start a handshake, who
@@ -21,9 +23,13 @@ from typing import Any
 import asyncssh
 
 from gateway.config import SSHSettings
+from gateway.core import protocol as p
 from gateway.core.admission import parse_networks
+from gateway.core.dyno_access import Login, forward_addresses
 from gateway.core.prelimits import Penalized, PenaltyBox
-from gateway.front.channel import adopt
+from gateway.eventlog import event_log
+from gateway.front.channel import adopt, adopt_tcp
+from gateway.front.forward import ForwardedConnection, Refusal, open_forward
 from gateway.front.gate import Pending, Start, connection_id, feed
 from gateway.front.link import Connector, ManagerLink
 from gateway.front.observe import Observer
@@ -164,6 +170,7 @@ class GatewayServer(asyncssh.SSHServer):
         self.limits = limits
         self.id = "?"
         self.app = ""
+        self.login = Login("", None)
         self.source = "?"
         self._conn: asyncssh.SSHServerConnection | None = None
         self._key = "?"
@@ -243,6 +250,7 @@ class GatewayServer(asyncssh.SSHServer):
             )  # fmt: skip
 
     def begin_auth(self, username: str) -> bool:
+        self.login = Login.parse(username)
         self.app = username
         return True
 
@@ -256,6 +264,9 @@ class GatewayServer(asyncssh.SSHServer):
         return True
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # `APP.DYNO` logs in with APP's keys: another app's dyno refuses this app's key
+        # exactly as that app refuses it.
+        username = Login.parse(username).app
         fingerprint = key.get_fingerprint("sha256")
         seen = f"{shown(username)} {fingerprint}"
         penalty = self.limits.key_refused(self.source, seen)
@@ -264,6 +275,8 @@ class GatewayServer(asyncssh.SSHServer):
             return False
         try:
             allowed = await self.check_key(username, fingerprint)
+        except p.LocalProtocolError:  # no app could have this name (empty, too long)
+            allowed = False
         except ManagerError as exc:
             # Not the client's fault (the database or the manager is down): no failure
             # counted, and it is told why (OpenSSH prints the disconnect message).
@@ -308,12 +321,14 @@ class GatewayServer(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         self._authenticated = True
+        self.app = self.login.app
         if self._pending is not None:
             self._pending.settle()
             self._pending = None
+        into = f" dyno={shown(self.login.dyno)}" if self.login.dyno is not None else ""
         log.info(
-            "auth accepted conn=%s app=%s key=%s source=%s",
-            self.id, self.app, self._key, self.source,
+            "auth accepted conn=%s app=%s key=%s source=%s%s",
+            self.id, self.app, self._key, self.source, into,
         )  # fmt: skip
         self.observer.authenticated(self.id, self.app, self._key, self.source, True)
 
@@ -331,7 +346,55 @@ class GatewayServer(asyncssh.SSHServer):
             )
         channel = adopt(self._conn.create_server_channel(encoding=None))
         self._sessions += 1
-        return channel, SSHSession(self.app, self.id, self.services, ended=self._session_ended)
+        session = SSHSession(
+            self.app, self.id, self.services, ended=self._session_ended, dyno=self.login.dyno
+        )
+        return channel, session
 
     def _session_ended(self) -> None:
         self._sessions -= 1
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> tuple[asyncssh.SSHTCPChannel[bytes], Any]:
+        """A direct-tcpip channel (`ssh -L`, `-D`): only into a running dyno (the user
+        `APP.DYNO`), only to its own loopback. ChannelOpenError says why not."""
+        assert self._conn is not None
+        dyno = self.login.dyno
+        target = f"{dest_host}:{dest_port}"
+        addresses = forward_addresses(dest_host)
+        if dyno is None or self.login.dyno_problem() is not None:
+            why = (
+                "port forwarding reaches into a running dyno only: "
+                f"ssh -L PORT:localhost:PORT {self.app}.run.N@HOST"
+            )
+        elif addresses is None or not 0 < dest_port < 65536:
+            why = f"only localhost of {dyno} is reachable, not {dest_host[:100]}"
+        else:
+            why = None
+        if why is not None:
+            log.info(
+                "forward refused conn=%s app=%s target=%s reason=%r",
+                self.id, self.app, shown(target), why,
+            )  # fmt: skip
+            self.observer.forward_refused(self.id, self.app, dyno, target[:300], why)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, why)
+        assert dyno is not None and addresses is not None
+        request = p.Forward(self.app, dyno, addresses[0], dest_port, self.id)
+        channel = adopt_tcp(self._conn.create_tcp_channel())
+        return channel, self._forward(request, addresses, dest_host, f"{orig_host}:{orig_port}")
+
+    async def _forward(
+        self, request: p.Forward, addresses: tuple[str, ...], host: str, source: str
+    ) -> ForwardedConnection:
+        target = f"{host}:{request.port}"
+        forward_log = event_log(__name__, app=self.app, dyno=request.dyno, conn=self.id)
+        try:
+            link, fd = await open_forward(self.services.manager, request, addresses, host)
+        except Refusal as exc:
+            forward_log.info("forward refused target=%s reason=%r", target, str(exc))
+            self.observer.forward_refused(self.id, self.app, request.dyno, target, str(exc))
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+        forward_log.info("forward open target=%s source=%s", target, source)
+        trace = self.observer.forward(self.id, self.app, request.dyno, target, source)
+        return ForwardedConnection(link, fd, trace, forward_log)

@@ -1,8 +1,10 @@
-"""One SSH session = one attached one-off dyno (or one reserved command).
+"""One SSH session = one attached one-off dyno (or one reserved command); for the user
+`APP.DYNO`, one process entered into that running dyno (docs/exec.md). The `sftp`
+subsystem is sftp-server, run in a fresh dyno or in the dyno addressed.
 
-The session asks the manager for a dyno, receives its stdio (or PTY master) as fds, and
-pumps bytes between them and the channel. The exit status goes to the client only after
-the dyno's last output byte, as sshd does.
+The session asks the manager for a dyno (or a process in one), receives its stdio (or
+PTY master) as fds, and pumps bytes between them and the channel. The exit status goes
+to the client only after the dyno's last output byte, as sshd does.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncssh
 
 from gateway.core import commands
 from gateway.core import protocol as p
+from gateway.core.dyno_access import Login
 from gateway.core.prelimits import filter_env
 from gateway.eventlog import EventLog, event_log
 from gateway.front.attached import AttachedSessions
@@ -55,15 +58,18 @@ class SSHSession(asyncssh.SSHServerSession[bytes]):
         connection: str,
         services: SessionServices,
         ended: Callable[[], None] | None = None,
+        dyno: str | None = None,
     ) -> None:
         self.app = app
+        self.dyno = dyno  # the running dyno the session goes into (user APP.DYNO)
         self._ended = ended  # the connection counts its sessions (max_sessions)
         self.connection = connection
         self.services = services
-        self.log: EventLog = event_log(__name__, app=app, conn=connection)
+        self.log: EventLog = event_log(__name__, app=app, dyno=dyno, conn=connection)
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._pty: p.Pty | None = None
         self._command: str | None = None
+        self._subsystem: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._signals: set[asyncio.Task[None]] = set()  # kept until done (asyncio's rule)
         self._links: list[ManagerLink] = []
@@ -98,14 +104,21 @@ class SSHSession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        self.log.info("subsystem refused subsystem=%r", subsystem)
-        return False
+        if subsystem not in p.SUBSYSTEMS:
+            self.log.info("subsystem refused subsystem=%r", subsystem[:64])
+            return False
+        self._subsystem = subsystem
+        self._pty = None  # sftp-server speaks binary on pipes, as sshd runs it
+        return True
 
     def session_started(self) -> None:
         chan = self._chan
         assert chan is not None
         try:
-            self._reserved = commands.parse(self._command) if self._command else None
+            # In a running dyno, a command is the shell's, never a reserved one.
+            entered_or_subsystem = self.dyno is not None or self._subsystem is not None
+            command = None if entered_or_subsystem else self._command
+            self._reserved = commands.parse(command) if command else None
         except commands.UsageError as exc:
             self.fail(str(exc))
             return
@@ -187,20 +200,32 @@ class SSHSession(asyncssh.SSHServerSession[bytes]):
         finally:
             self._close()
 
+    def _request(
+        self, command: str | None, size: str | None, env: dict[str, str] | None
+    ) -> p.Run | p.Enter:
+        """A new dyno, or (user APP.DYNO) a process inside the running one."""
+        env = {**self._client_env(), **(env or {})}  # `run -e K=V` wins
+        if self.dyno is not None:
+            return p.Enter(
+                app=self.app, dyno=self.dyno, command=None if self._subsystem else command,
+                connection=self.connection, pty=self._pty, env=env, subsystem=self._subsystem,
+            )  # fmt: skip
+        return p.Run(
+            app=self.app, command=None if self._subsystem else command,
+            connection=self.connection, pty=self._pty, env=env, size=size,
+            subsystem=self._subsystem,
+        )  # fmt: skip
+
     async def _attach(
         self, command: str | None, size: str | None = None, env: dict[str, str] | None = None
     ) -> None:
         chan, attachment = self._chan, self._attachment
         assert chan is not None and attachment is not None
+        if self.dyno is not None and (problem := Login(self.app, self.dyno).dyno_problem()):
+            self.fail(problem)
+            return
         try:
-            run = p.Run(
-                app=self.app,
-                command=command,
-                connection=self.connection,
-                pty=self._pty,
-                env={**self._client_env(), **(env or {})},  # `run -e K=V` wins
-                size=size,
-            )
+            run = self._request(command, size, env)
         except p.LocalProtocolError as exc:  # too large for any dyno: the user's to fix
             self.fail(str(exc))
             return
@@ -214,9 +239,13 @@ class SSHSession(asyncssh.SSHServerSession[bytes]):
             self.fail("the dyno manager went away; try again shortly")
             return
         dyno = streams.dyno
+        entered = isinstance(run, p.Enter)
         self.log = self.log.bind(dyno=dyno.name)
-        self.log.info("session attached pty=%s", self._pty is not None)
-        if self._pty is not None and self.services.banner:
+        self.log.info(
+            "session %s pty=%s subsystem=%s",
+            "entered" if entered else "attached", self._pty is not None, self._subsystem,
+        )  # fmt: skip
+        if self._pty is not None and self.services.banner and not entered:
             shown = command or "bash"
             chan.write_stderr(
                 f"Running `{shown}` attached to terminal... up, {dyno.name}\r\n".encode()
@@ -224,8 +253,8 @@ class SSHSession(asyncssh.SSHServerSession[bytes]):
         attachment.start(streams.fds, pty=self._pty is not None)
         self.services.sessions.add(self)
         self._trace = self.services.observer.session(
-            self.connection, self.app, dyno.name, dyno.size, command, self._pty is not None,
-            "ssh",
+            self.connection, self.app, dyno.name, dyno.size, run.command,
+            self._pty is not None, "ssh", entered, self._subsystem,
         )  # fmt: skip
         try:
             exit = await link.exited()

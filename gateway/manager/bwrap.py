@@ -40,6 +40,7 @@ from gateway.manager.sandbox import (
     OWN_NETWORK_PORT,
     Command,
     DynoSpec,
+    Inside,
     Launched,
     SandboxError,
     Workspace,
@@ -192,19 +193,20 @@ class BwrapSandbox:
 
     def command(self, spec: DynoSpec, workspace: Workspace, init: InitControl) -> Command:
         shell = f"/bin/{self.shell}" if Path("/bin", self.shell).exists() else "/bin/sh"
+        inside = dyno_env(
+            name=spec.name,
+            config_vars=spec.config_vars,
+            app_dir="/app",
+            port=free_port() if self.network == "host" else OWN_NETWORK_PORT,
+            pty=spec.pty,
+        )
         args = bwrap_args(
             hostname=spec.name,
             stack=self.stack,
             hidden=self.hidden,
             layout=Layout(str(workspace.app), self.config.dynos.tmp_max_bytes),
             network=self.network,
-            env=dyno_env(
-                name=spec.name,
-                config_vars=spec.config_vars,
-                app_dir="/app",
-                port=free_port() if self.network == "host" else OWN_NETWORK_PORT,
-                pty=spec.pty,
-            ),
+            env=inside,
         )
         args_path = workspace.root / "args"
         fd = os.open(args_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -220,7 +222,10 @@ class BwrapSandbox:
             "GW_NOFILE": str(_nofile()),
             "GW_DATA_KB": str(memory_kb),
         }
-        return Command(wrapper_argv(self.tools, inner), env, workspace.root, (self.init.fd,))
+        return Command(
+            wrapper_argv(self.tools, inner), env, workspace.root, (self.init.fd,),
+            Inside(shell, inside),
+        )  # fmt: skip
 
     def end_reason(self, launched: Launched) -> list[str]:
         return []

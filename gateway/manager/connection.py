@@ -3,10 +3,20 @@ server side, with descriptors (gateway/core/protocol has the rules)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
-from gateway.core.protocol import Conversation, Message, Phase, Role
-from gateway.ipc import ANCILLARY_SPACE, RECV_SIZE, ancillary, read_packet
+from gateway.core.protocol import (
+    Conversation,
+    Message,
+    Phase,
+    RemoteProtocolError,
+    Role,
+    Signal,
+)
+from gateway.eventlog import EventLog
+from gateway.ipc import ANCILLARY_SPACE, RECV_SIZE, ancillary, close_all, read_packet
 
 
 class FrontConnection:
@@ -33,3 +43,20 @@ class FrontConnection:
         """One message (and descriptors); OSError if the front has gone."""
         data = self.conversation.send(message, len(fds))
         await self.sock.sendmsg([data], ancillary(fds))
+
+    async def relay_signals(self, log: EventLog, deliver: Callable[[str], None]) -> None:
+        """A running session's signal requests (`deliver` gets each name: INT, TERM...),
+        until the front closes the conversation: its client is gone."""
+        while True:
+            try:
+                received = await self.receive()
+            except RemoteProtocolError as exc:
+                log.warning("bad message from the front error=%s", exc)
+                continue
+            if received is None:
+                return
+            message, fds = received
+            close_all(fds)  # the conversation allows none from the front
+            assert isinstance(message, Signal)  # the only message the front may send now
+            log.info("signal %s", message.name)
+            deliver(message.name)

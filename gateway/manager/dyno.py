@@ -14,8 +14,7 @@ import trio
 from gateway.core.applog import LineSplitter
 from gateway.manager.applog import AppLog
 from gateway.manager.dyno_init import InitControl
-from gateway.manager.sandbox import DynoSpec
-from gateway.manager.spawn import Child
+from gateway.manager.sandbox import DynoSpec, Inside, Launched
 from gateway.manager.stdio import Stdio
 
 # Reading a dyno's output for the app log: the most at once, and the pause between
@@ -28,20 +27,26 @@ TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)
 
 class RunningDyno:
     """A running dyno: its process group (the spawned process leads it), its init (which
-    sees every process of the dyno, job-control groups and orphans included), and the
-    manager's ends of its streams."""
+    sees every process of the dyno, job-control groups and orphans included, and starts
+    the processes entered into it), and the manager's ends of its streams."""
 
-    def __init__(self, process: Child, spec: DynoSpec, stdio: Stdio, init: InitControl) -> None:
-        self.process = process
+    def __init__(self, launched: Launched, spec: DynoSpec, stdio: Stdio) -> None:
+        self.process = launched.process
         self.spec = spec
-        self.init = init
-        self.pgid = process.pid  # a new session: the dyno's process is its group leader
+        self.init: InitControl = launched.init
+        self.inside: Inside = launched.inside
+        self.pgid = self.process.pid  # a new session: the dyno's process is its group leader
         self.master = stdio.kept[0] if spec.pty is not None else None
         self.outputs = list(stdio.kept)
         self.detached = False
         self.output_done = trio.Event()
         # Cancelled by run:stop; the supervising task then stops the dyno.
         self.stop_scope = trio.CancelScope()
+        # Processes entered into it and forwarded connections into it, now (run:list).
+        self.sessions = 0
+        self.forwards = 0
+        # Set when its command (and so the dyno) has ended.
+        self.ended = trio.Event()
 
     def signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):

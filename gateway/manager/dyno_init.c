@@ -13,6 +13,9 @@
  *  - As root it also builds the dyno's sandbox (namespaces, filesystem) ahead of time,
  *    so that starting a session is one message: a prepared sandbox. It is small and
  *    native on purpose: one runs beside every dyno, 1,000 dynos per host.
+ *  - It is already in every namespace, the cgroup and the root of the dyno, as the
+ *    dyno's user: a process it forks is inside the dyno (`ssh APP.run.N`), and a socket
+ *    it connects is in the dyno's network (port forwarding).
  *
  * Two modes:
  *
@@ -20,7 +23,7 @@
  *     Start PROGRAM now (the process sandbox; inside bubblewrap without root).
  *
  *   dyno-init --sandbox SPECFD --control FD --status FD
- *     As root: build the sandbox the spec describes (gateway/manager/namespaces_spec.py
+ *     As root: build the sandbox the spec describes (gateway/manager/namespace_spec.py
  *     writes it), say "pid N" (the init's pid, a child of the manager) and "ready", and
  *     wait for the start message on the control socket.
  *
@@ -33,6 +36,9 @@
  *   k  SIGKILL to every process of the dyno
  *   S  (sandbox mode) start: NUL-separated HOSTNAME, "pty" or "pipes", ARGC, ARGV...,
  *      then the environment, with stdin, stdout and stderr as SCM_RIGHTS descriptors
+ *   E  enter, once PROGRAM runs: "pty" or "pipes", ARGC, ARGV..., the environment, with
+ *      stdin, stdout, stderr and the session's own socket (dyno_init_sessions.c)
+ *   C  connect, once PROGRAM runs: ADDRESS, PORT, with the socket to answer on
  * EOF on the control socket means the manager is gone: SIGKILL to everything.
  *
  * On the status descriptor it writes lines: "pid N" and "ready" (sandbox mode), "exit
@@ -42,35 +48,26 @@
  * sends to the dyno's process group. PROGRAM's process keeps every signal blocked until
  * just before its exec, so one sent while it starts waits instead of being lost.
  */
-#define _GNU_SOURCE
+#include "dyno_init.h"
+
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <grp.h>
-#include <linux/audit.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
-#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
-#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/mount.h>
 #include <sys/prctl.h>
-#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-static int pid1;        /* PID 1 of a PID namespace: kill(-1) reaches exactly the dyno */
+int pid1;               /* PID 1 of a PID namespace: kill(-1) reaches exactly the dyno */
 static int detached;    /* after PROGRAM ends, wait for the others */
 static int exec_done;   /* PROGRAM's exec happened (or failed): its signals are its own */
 static pid_t main_pid = -1;
@@ -78,7 +75,7 @@ static int main_status = -1;
 static int status_fd = -1;
 
 /* One line on the status pipe for the manager. */
-static void say(const char *fmt, ...) {
+void say(const char *fmt, ...) {
     char line[512];
     va_list args;
     va_start(args, fmt);
@@ -89,7 +86,7 @@ static void say(const char *fmt, ...) {
     }
 }
 
-static void die(const char *what) {
+void die(const char *what) {
     char text[400];
     snprintf(text, sizeof text, "%s: %s", what, strerror(errno));
     dprintf(2, "dyno-init: %s\n", text);
@@ -97,7 +94,7 @@ static void die(const char *what) {
     _exit(125);
 }
 
-static int parse_number(const char *text, long low, long high) {
+int parse_number(const char *text, long low, long high) {
     char *end;
     long value = strtol(text, &end, 10);
     if (*text == '\0' || *end != '\0' || value < low || value > high) {
@@ -157,7 +154,7 @@ static int descendants(pid_t *out, int room) {
     return found;
 }
 
-static void signal_all(int sig) {
+void signal_all(int sig) {
     if (pid1) {
         kill(-1, sig);  /* from PID 1: every process of the namespace but ourselves */
         if (sig == SIGTERM)
@@ -181,419 +178,25 @@ static int exit_code(int status) {
     return 255;
 }
 
-/* -- the sandbox (as root) ------------------------------------------------------------ */
+/* -- starting a program ---------------------------------------------------------------- */
 
-enum { MAX_ITEMS = 64 };
-
-struct spec {
-    uid_t uid;
-    gid_t gid;
-    const char *root;          /* an empty host dir the root is built on */
-    long budget;               /* bytes: /app's changes, /tmp and /dev/shm together */
-    const char *lower;         /* the release (overlay's lower layer), or none */
-    int own_net;               /* a network namespace of its own */
-    const char *cgroups[8];    /* cgroup.procs files to join */
-    int n_cgroups;
-    const char *ro[MAX_ITEMS]; /* host dirs bound read-only at the same path */
-    int n_ro;
-    const char *link_path[16], *link_target[16];
-    int n_links;
-    const char *hide_dir[16], *hide_file[16];
-    int n_hide_dirs, n_hide_files;
-    const char *file_path[8], *file_text[8]; /* files written for the dyno (resolv.conf) */
-    int n_files;
-    int rlimit_res[8];
-    rlim_t rlimit_soft[8], rlimit_hard[8];
-    int n_rlimits;
-};
-
-static struct spec spec;
-
-static char *read_all(int fd, size_t *size) {
-    size_t room = 65536, used = 0;
-    char *buf = malloc(room);
-    if (buf == NULL)
-        die("malloc");
-    for (;;) {
-        if (used == room) {
-            room *= 2;
-            if (room > (1 << 22) || (buf = realloc(buf, room)) == NULL) {
-                errno = E2BIG;
-                die("sandbox spec");
-            }
-        }
-        ssize_t n = read(fd, buf + used, room - used);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            die("reading the sandbox spec");
-        if (n == 0)
-            break;
-        used += (size_t)n;
-    }
-    close(fd);
-    *size = used;
-    return buf;
-}
-
-static int rlimit_named(const char *name) {
-    if (strcmp(name, "NOFILE") == 0)
-        return RLIMIT_NOFILE;
-    if (strcmp(name, "CORE") == 0)
-        return RLIMIT_CORE;
-    if (strcmp(name, "DATA") == 0)
-        return RLIMIT_DATA;
-    if (strcmp(name, "NPROC") == 0)
-        return RLIMIT_NPROC;
-    dprintf(2, "dyno-init: unknown rlimit %s\n", name);
-    _exit(125);
-}
-
-/* The spec: NUL-terminated words, each keyword followed by its values. */
-static void parse_spec(int fd) {
-    size_t size;
-    char *buf = read_all(fd, &size);
-    char *words[4096];
-    int n = 0;
-    for (size_t at = 0; at < size && n < 4096;) {
-        words[n++] = buf + at;
-        char *end = memchr(buf + at, '\0', size - at);
-        if (end == NULL) {
-            errno = EINVAL;
-            die("sandbox spec not NUL-terminated");
-        }
-        at = (size_t)(end - buf) + 1;
-    }
-#define NEED(k)                                                                        \
-    if (i + (k) >= n) {                                                                \
-        errno = EINVAL;                                                                \
-        die(words[i]);                                                                 \
-    }
-    for (int i = 0; i < n; i++) {
-        const char *key = words[i];
-        if (strcmp(key, "uid") == 0) {
-            NEED(1) spec.uid = (uid_t)parse_number(words[++i], 1, 0x7fffffff);
-        } else if (strcmp(key, "gid") == 0) {
-            NEED(1) spec.gid = (gid_t)parse_number(words[++i], 1, 0x7fffffff);
-        } else if (strcmp(key, "root") == 0) {
-            NEED(1) spec.root = words[++i];
-        } else if (strcmp(key, "budget") == 0) {
-            NEED(1) spec.budget = strtol(words[++i], NULL, 10);
-        } else if (strcmp(key, "lower") == 0) {
-            NEED(1) spec.lower = words[++i];
-        } else if (strcmp(key, "net") == 0) {
-            NEED(1) spec.own_net = strcmp(words[++i], "own") == 0;
-        } else if (strcmp(key, "cgroup") == 0 && spec.n_cgroups < 8) {
-            NEED(1) spec.cgroups[spec.n_cgroups++] = words[++i];
-        } else if (strcmp(key, "ro") == 0 && spec.n_ro < MAX_ITEMS) {
-            NEED(1) spec.ro[spec.n_ro++] = words[++i];
-        } else if (strcmp(key, "symlink") == 0 && spec.n_links < 16) {
-            NEED(2) spec.link_target[spec.n_links] = words[++i];
-            spec.link_path[spec.n_links++] = words[++i];
-        } else if (strcmp(key, "hide-dir") == 0 && spec.n_hide_dirs < 16) {
-            NEED(1) spec.hide_dir[spec.n_hide_dirs++] = words[++i];
-        } else if (strcmp(key, "hide-file") == 0 && spec.n_hide_files < 16) {
-            NEED(1) spec.hide_file[spec.n_hide_files++] = words[++i];
-        } else if (strcmp(key, "file") == 0 && spec.n_files < 8) {
-            NEED(2) spec.file_path[spec.n_files] = words[++i];
-            spec.file_text[spec.n_files++] = words[++i];
-        } else if (strcmp(key, "rlimit") == 0 && spec.n_rlimits < 8) {
-            NEED(3) spec.rlimit_res[spec.n_rlimits] = rlimit_named(words[++i]);
-            spec.rlimit_soft[spec.n_rlimits] = (rlim_t)strtoull(words[++i], NULL, 10);
-            spec.rlimit_hard[spec.n_rlimits++] = (rlim_t)strtoull(words[++i], NULL, 10);
-        } else {
-            errno = EINVAL;
-            die(key);
-        }
-    }
-#undef NEED
-    if (spec.root == NULL || spec.uid == 0 || spec.gid == 0 || spec.budget <= 0) {
-        errno = EINVAL;
-        die("sandbox spec lacks root, uid, gid or budget");
-    }
-}
-
-static void mkdirs(const char *path, mode_t mode) {
-    char buf[4096];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p == '/') {
-            *p = '\0';
-            if (mkdir(buf, mode) < 0 && errno != EEXIST)
-                die(buf);
-            *p = '/';
-        }
-    }
-    if (mkdir(buf, mode) < 0 && errno != EEXIST)
-        die(buf);
-}
-
-static void touch(const char *path) {
-    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0)
-        die(path);
-    close(fd);
-}
-
-static void bind_mount(const char *source, const char *target, unsigned long extra) {
-    if (mount(source, target, NULL, MS_BIND | MS_REC, NULL) < 0)
-        die(target);
-    if (extra && mount(NULL, target, NULL, MS_REMOUNT | MS_BIND | extra, NULL) < 0)
-        die(target);
-}
-
-static void write_text(const char *path, const char *text) {
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
-        die(path);
-    size_t len = strlen(text);
-    if (write(fd, text, len) != (ssize_t)len)
-        die(path);
-    close(fd);
-}
-
-static void join_cgroups(void) {
-    char pid[32];
-    snprintf(pid, sizeof pid, "%d\n", getpid());
-    for (int i = 0; i < spec.n_cgroups; i++) {
-        int fd = open(spec.cgroups[i], O_WRONLY | O_CLOEXEC);
-        if (fd < 0 || write(fd, pid, strlen(pid)) < 0)
-            die(spec.cgroups[i]);
-        close(fd);
-    }
-}
-
-/* In the new namespaces, as PID 1: the dyno's filesystem, then pivot_root into it. */
-static void build_root(void) {
-    char path[4096], options[256];
-    const char *root = spec.root;
-    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
-        die("making mounts private");
-    /* The skeleton: a small tmpfs, read-only once built. */
-    if (mount("dyno", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755") < 0)
-        die(root);
-    /* The one writable budget: /app's changes, /tmp and /dev/shm, all on one tmpfs. */
-    snprintf(path, sizeof path, "%s/.rw", root);
-    mkdirs(path, 0700);
-    snprintf(options, sizeof options, "size=%ld,mode=0755", spec.budget);
-    if (mount("dyno", path, "tmpfs", MS_NOSUID | MS_NODEV, options) < 0)
-        die(path);
-    const char *writable[] = {"upper", "work", "tmp", "shm", "files"};
-    for (size_t i = 0; i < 5; i++) {
-        snprintf(path, sizeof path, "%s/.rw/%s", root, writable[i]);
-        mkdirs(path, i >= 2 && i <= 3 ? 01777 : 0755);
-        if (i >= 2 && i <= 3 && chmod(path, 01777) < 0)
-            die(path);
-        if (i == 0 && chown(path, spec.uid, spec.gid) < 0)
-            die(path);
-    }
-    /* The stack, read-only; merged-/usr links as links. */
-    for (int i = 0; i < spec.n_ro; i++) {
-        snprintf(path, sizeof path, "%s%s", root, spec.ro[i]);
-        mkdirs(path, 0755);
-        bind_mount(spec.ro[i], path, MS_RDONLY | MS_NOSUID | MS_NODEV);
-    }
-    for (int i = 0; i < spec.n_links; i++) {
-        snprintf(path, sizeof path, "%s%s", root, spec.link_path[i]);
-        if (symlink(spec.link_target[i], path) < 0 && errno != EEXIST)
-            die(path);
-    }
-    /* The gateway's own paths inside a bound stack dir: covered. */
-    for (int i = 0; i < spec.n_hide_dirs; i++) {
-        snprintf(path, sizeof path, "%s%s", root, spec.hide_dir[i]);
-        if (mount("hidden", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k") < 0)
-            die(path);
-    }
-    for (int i = 0; i < spec.n_hide_files; i++) {
-        snprintf(path, sizeof path, "%s%s", root, spec.hide_file[i]);
-        bind_mount("/dev/null", path, MS_RDONLY);
-    }
-    /* Files written for the dyno (its resolv.conf), from the budget tmpfs, read-only. */
-    for (int i = 0; i < spec.n_files; i++) {
-        char source[4096];
-        snprintf(source, sizeof source, "%s/.rw/files/%d", root, i);
-        write_text(source, spec.file_text[i]);
-        snprintf(path, sizeof path, "%s%s", root, spec.file_path[i]);
-        bind_mount(source, path, MS_RDONLY | MS_NOSUID | MS_NODEV);
-    }
-    /* /app: an overlay of the release. The lower dir goes by descriptor (opened here, in
-     * this mount namespace: overlayfs clones the lower dir's mount, which must be ours)
-     * and the others relative to the budget tmpfs, so /proc/self/mountinfo names no host
-     * path. */
-    snprintf(path, sizeof path, "%s/app", root);
-    mkdirs(path, 0755);
-    if (spec.lower != NULL) {
-        int lower = open(spec.lower, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (lower < 0)
-            die(spec.lower);
-        char rw[4096];
-        snprintf(rw, sizeof rw, "%s/.rw", root);
-        if (chdir(rw) < 0)
-            die(rw);
-        snprintf(options, sizeof options,
-                 "lowerdir=/proc/self/fd/%d,upperdir=upper,workdir=work", lower);
-        if (mount("overlay", path, "overlay", MS_NOSUID | MS_NODEV, options) < 0)
-            die("the /app overlay");
-        close(lower);
-    } else if (chown(path, spec.uid, spec.gid) < 0) {
-        die(path);
-    }
-    /* /tmp */
-    snprintf(path, sizeof path, "%s/tmp", root);
-    mkdirs(path, 01777);
-    char source[4096];
-    snprintf(source, sizeof source, "%s/.rw/tmp", root);
-    bind_mount(source, path, MS_NOSUID | MS_NODEV);
-    /* /dev: the usual devices from the host, a terminal namespace of its own, /dev/shm. */
-    snprintf(path, sizeof path, "%s/dev", root);
-    mkdirs(path, 0755);
-    if (mount("dev", path, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755") < 0)
-        die(path);
-    const char *devices[] = {"null", "zero", "full", "random", "urandom", "tty"};
-    for (size_t i = 0; i < 6; i++) {
-        char host[64];
-        snprintf(host, sizeof host, "/dev/%s", devices[i]);
-        snprintf(path, sizeof path, "%s/dev/%s", root, devices[i]);
-        touch(path);
-        bind_mount(host, path, MS_NOSUID | MS_NOEXEC);
-    }
-    snprintf(path, sizeof path, "%s/dev/pts", root);
-    mkdirs(path, 0755);
-    if (mount("devpts", path, "devpts", MS_NOSUID | MS_NOEXEC,
-              "newinstance,ptmxmode=0666,mode=0620") < 0)
-        die(path);
-    snprintf(path, sizeof path, "%s/dev/ptmx", root);
-    if (symlink("pts/ptmx", path) < 0)
-        die(path);
-    snprintf(path, sizeof path, "%s/dev/shm", root);
-    mkdirs(path, 01777);
-    snprintf(source, sizeof source, "%s/.rw/shm", root);
-    bind_mount(source, path, MS_NOSUID | MS_NODEV);
-    const char *fd_links[][2] = {{"/proc/self/fd", "fd"},      {"/proc/self/fd/0", "stdin"},
-                                 {"/proc/self/fd/1", "stdout"}, {"/proc/self/fd/2", "stderr"}};
-    for (size_t i = 0; i < 4; i++) {
-        snprintf(path, sizeof path, "%s/dev/%s", root, fd_links[i][1]);
-        if (symlink(fd_links[i][0], path) < 0)
-            die(path);
-    }
-    /* /proc of this PID namespace: the dyno sees only itself. */
-    snprintf(path, sizeof path, "%s/proc", root);
-    mkdirs(path, 0555);
-    if (mount("proc", path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
-        die(path);
-    /* Into it: the host's tree is let go, the budget tmpfs stays only where bound. */
-    if (chdir(root) < 0)
-        die(root);
-    if (syscall(SYS_pivot_root, ".", ".") < 0)
-        die("pivot_root");
-    if (umount2(".", MNT_DETACH) < 0)
-        die("leaving the host's root");
-    if (chdir("/") < 0)
-        die("/");
-    if (umount2("/.rw", MNT_DETACH) < 0 || rmdir("/.rw") < 0)
-        die("/.rw");
-    if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
-        die("a read-only /");
-}
-
-/* No new user namespaces from inside a dyno: they would hand its processes capabilities
- * over objects of their own making, a kernel attack surface bubblewrap also closes
- * (--disable-userns). clone3 takes its flags in memory a filter cannot read: ENOSYS
- * makes the C library fall back to clone. */
-static void forbid_user_namespaces(void) {
-    struct sock_filter filter[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW), /* another arch: no filter */
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_clone3, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_unshare, 2, 0),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_clone, 1, 0),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-        /* unshare(flags) and clone(flags, ...): the flags are the first argument. */
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0])),
-        BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, CLONE_NEWUSER, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-    };
-    struct sock_fprog program = {.len = sizeof filter / sizeof filter[0], .filter = filter};
-    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) < 0)
-        die("seccomp");
-}
-
-/* Root no more: the dyno's own uid and gid, no capabilities, none to regain. */
-static void become_dyno_user(void) {
-    for (int cap = 0; cap <= 63; cap++)
-        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
-            die("dropping capabilities");
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-    if (setgroups(0, NULL) < 0 || setresgid(spec.gid, spec.gid, spec.gid) < 0 ||
-        setresuid(spec.uid, spec.uid, spec.uid) < 0)
-        die("changing to the dyno's user");
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
-        die("no_new_privs");
-}
-
-/* -- starting the command ------------------------------------------------------------ */
-
-struct start {
-    char *hostname;
-    int pty;
-    char **argv;
-    char **envp;
-    int fds[3];
-};
-
-/* The start packet: words and three descriptors. Returns 0 on success. */
-static int read_start(int control, char *buf, size_t size, struct start *out) {
-    char control_buf[CMSG_SPACE(3 * sizeof(int))];
-    struct iovec iov = {.iov_base = buf, .iov_len = size - 1};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control_buf,
-                         .msg_controllen = sizeof control_buf};
-    ssize_t n = recvmsg(control, &msg, MSG_CMSG_CLOEXEC);
-    if (n <= 1 || buf[0] != 'S' || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)))
-        return -1;
-    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
-    if (cmsg == NULL || cmsg->cmsg_type != SCM_RIGHTS ||
-        cmsg->cmsg_len != CMSG_LEN(3 * sizeof(int)))
-        return -1;
-    memcpy(out->fds, CMSG_DATA(cmsg), 3 * sizeof(int));
-    buf[n] = '\0';
-    char *words[8192];
+int split_words(char *buf, size_t len, char **words, int room) {
     int count = 0;
-    for (char *p = buf + 1; p < buf + n && count < 8190; p += strlen(p) + 1)
+    for (char *p = buf; p < buf + len && count < room; p += strlen(p) + 1)
         words[count++] = p;
-    if (count < 3)
-        return -1;
-    out->hostname = words[0];
-    out->pty = strcmp(words[1], "pty") == 0;
-    int argc = atoi(words[2]);
-    if (argc < 1 || 3 + argc > count)
-        return -1;
-    static char *argv[8192], *envp[8192];
-    for (int i = 0; i < argc; i++)
-        argv[i] = words[3 + i];
-    argv[argc] = NULL;
-    int envc = 0;
-    for (int i = 3 + argc; i < count; i++)
-        envp[envc++] = words[i];
-    envp[envc] = NULL;
-    out->argv = argv;
-    out->envp = envp;
-    return 0;
+    return count;
 }
 
-static pid_t start_program(char **argv, char **envp, int ctty, const int *stdio,
-                           int sandboxed, int control, int started_w) {
+pid_t start_program(const struct program *program, int control) {
     pid_t pid = fork();
     if (pid != 0)
         return pid;
-    /* The command: every signal back at its default, still blocked until the exec. */
+    /* Every signal back at its default, still blocked until the exec. */
     struct sigaction dfl = {.sa_handler = SIG_DFL};
     for (int s = 1; s < NSIG; s++)
         sigaction(s, &dfl, NULL);  /* fails harmlessly for KILL, STOP and RT gaps */
     close(control);
+    const int *stdio = program->stdio;
     if (stdio != NULL) {
         for (int i = 0; i < 3; i++)
             if (dup2(stdio[i], i) < 0)
@@ -602,38 +205,103 @@ static pid_t start_program(char **argv, char **envp, int ctty, const int *stdio,
             if (stdio[i] > 2)
                 close(stdio[i]);
     }
-    if (ctty) {
-        if (setsid() < 0)
-            die("setsid");
-        if (ioctl(0, TIOCSCTTY, 0) < 0)
-            die("TIOCSCTTY");
-    }
-    if (sandboxed) {
-        for (int i = 0; i < spec.n_rlimits; i++) {
-            struct rlimit limit = {spec.rlimit_soft[i], spec.rlimit_hard[i]};
-            if (setrlimit(spec.rlimit_res[i], &limit) < 0)
-                die("setrlimit");
-        }
-        if (chdir("/app") < 0)
-            die("/app");
-        become_dyno_user();
-        forbid_user_namespaces();
-    }
-    (void)started_w;  /* close-on-exec: the init learns of the exec by its EOF */
+    if (program->new_session && setsid() < 0)
+        die("setsid");
+    if (program->ctty && ioctl(0, TIOCSCTTY, 0) < 0)
+        die("TIOCSCTTY");
+    if (program->sandboxed)
+        enter_sandbox();
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);  /* what waited is delivered now */
-    if (envp != NULL)
-        execvpe(argv[0], argv, envp);
+    char **argv = program->argv;
+    if (program->envp != NULL)
+        execvpe(argv[0], argv, program->envp);
     else
         execvp(argv[0], argv);
     dprintf(2, "dyno-init: %s: %s\n", argv[0], strerror(errno));
     _exit(errno == ENOENT ? 127 : 126);
 }
 
-/* -- the reaper ----------------------------------------------------------------------- */
+/* -- control packets ----------------------------------------------------------------- */
 
-static void handle_command(char command) {
+enum { MAX_PACKET_FDS = 4 };
+
+struct packet {
+    char *data;  /* the kind, then NUL-terminated words */
+    size_t len;
+    int fds[MAX_PACKET_FDS];
+    int n_fds;
+};
+
+/* The next packet: 1, 0 on EOF, -1 when none waits (or on a read error: errno). Its
+ * descriptors are close-on-exec. One with more descriptors than any packet carries has
+ * them closed and comes with none (its handler refuses it). */
+static int read_packet(int control, char *buf, size_t size, struct packet *out) {
+    char control_buf[CMSG_SPACE(MAX_PACKET_FDS * sizeof(int))];
+    struct iovec iov = {.iov_base = buf, .iov_len = size - 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control_buf,
+                         .msg_controllen = sizeof control_buf};
+    ssize_t n = recvmsg(control, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n < 0)
+        return -1;
+    out->n_fds = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < count && out->n_fds < MAX_PACKET_FDS; i++)
+            memcpy(&out->fds[out->n_fds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+    }
+    if (n == 0 && out->n_fds == 0)
+        return 0;
+    if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+        for (int i = 0; i < out->n_fds; i++)
+            close(out->fds[i]);
+        out->n_fds = 0;
+        n = n > 0 ? 1 : 0;  /* only the kind is trusted: the handler refuses the rest */
+    }
+    buf[n] = '\0';
+    out->data = buf;
+    out->len = (size_t)n;
+    return 1;
+}
+
+static void close_fds(const struct packet *packet) {
+    for (int i = 0; i < packet->n_fds; i++)
+        close(packet->fds[i]);
+}
+
+/* The start packet (sandbox mode): HOSTNAME, pty|pipes, ARGC, ARGV..., ENV... */
+static pid_t start_command(struct packet *packet, int control) {
+    static char *words[8192], *argv[8192];
+    if (packet->n_fds != 3) {
+        errno = EPROTO;
+        die("a start message without three descriptors");
+    }
+    int count = split_words(packet->data + 1, packet->len - 1, words, 8190);
+    int argc = count >= 3 ? atoi(words[2]) : 0;
+    if (argc < 1 || 3 + argc > count) {
+        errno = EPROTO;
+        die("a bad start message");
+    }
+    if (sethostname(words[0], strlen(words[0])) < 0)
+        die("sethostname");
+    for (int i = 0; i < argc; i++)
+        argv[i] = words[3 + i];
+    argv[argc] = NULL;
+    words[count] = NULL;  /* the environment follows the argv */
+    int pty = strcmp(words[1], "pty") == 0;
+    struct program program = {.argv = argv, .envp = &words[3 + argc], .stdio = packet->fds,
+                              .new_session = pty, .ctty = pty, .sandboxed = 1};
+    pid_t pid = start_program(&program, control);
+    if (pid < 0)
+        die("fork");
+    close_fds(packet);
+    return pid;
+}
+
+static void handle_signal_command(char command) {
     if (command == 'h') {
         detached = 1;
         if (main_pid > 0 && !exec_done) {
@@ -650,89 +318,93 @@ static void handle_command(char command) {
     }
 }
 
+/* -- the reaper ----------------------------------------------------------------------- */
+
+enum { FD_SIGNALS, FD_CONTROL, FD_STARTED, FD_SESSIONS };
+
+/* Every packet waiting on the control socket; 0 once the manager is gone. `started` is
+ * the command's exec pipe, set when the start packet starts it. */
+static int read_control(int control, int sandboxed, int *started) {
+    static char buf[1 << 20];
+    struct packet packet;
+    int got;
+    while ((got = read_packet(control, buf, sizeof buf, &packet)) == 1) {
+        char kind = packet.len > 0 ? packet.data[0] : '\0';
+        if (kind == 'S' && sandboxed && main_pid < 0) {
+            int pipe_fds[2];
+            if (pipe2(pipe_fds, O_CLOEXEC) < 0)
+                die("pipe");
+            main_pid = start_command(&packet, control);
+            close(pipe_fds[1]);  /* the child's copy closes at its exec */
+            *started = pipe_fds[0];
+            /* The init needs nothing privileged any more; and a process of the dyno,
+             * with the same uid, may not ptrace it. */
+            become_dyno_user();
+            prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+        } else if (kind == 'E' && main_pid > 0) {
+            enter_process(packet.data + 1, packet.len - 1, packet.fds, packet.n_fds, control,
+                          sandboxed);
+        } else if (kind == 'C' && main_pid > 0) {
+            connect_inside(packet.data + 1, packet.len - 1, packet.fds, packet.n_fds);
+        } else {
+            close_fds(&packet);
+            if (packet.len == 1)
+                handle_signal_command(kind);
+            else
+                dprintf(2, "dyno-init: ignored a control message of kind %c\n", kind);
+        }
+    }
+    return got == 0 || (errno != EAGAIN && errno != EINTR) ? 0 : 1;
+}
+
 /* Until PROGRAM has ended and nothing of the dyno is left. In sandbox mode the start
- * packet comes first; `argv` is NULL then. */
-static int run(int control, int sfd, int ctty, char **argv, int sandboxed) {
-    int started[2] = {-1, -1};
-    if (argv != NULL) {
-        if (pipe2(started, O_CLOEXEC) < 0)
+ * packet comes first; `program` is NULL then. */
+static int run(int control, int sfd, const struct program *program, int sandboxed) {
+    int started = -1;
+    if (program != NULL) {
+        int pipe_fds[2];
+        if (pipe2(pipe_fds, O_CLOEXEC) < 0)
             die("pipe");
-        main_pid = start_program(argv, NULL, ctty, NULL, 0, control, started[1]);
+        main_pid = start_program(program, control);
         if (main_pid < 0)
             die("fork");
-        close(started[1]);
+        close(pipe_fds[1]);
+        started = pipe_fds[0];
     }
-    struct pollfd fds[3] = {
-        {.fd = sfd, .events = POLLIN},
-        {.fd = control, .events = POLLIN},
-        {.fd = started[0], .events = POLLIN},
-    };
-    static char packet[1 << 20];
+    struct pollfd fds[FD_SESSIONS + MAX_SESSIONS];
     for (;;) {
-        if (poll(fds, 3, -1) < 0) {
+        fds[FD_SIGNALS] = (struct pollfd){.fd = sfd, .events = POLLIN};
+        fds[FD_CONTROL] = (struct pollfd){.fd = control, .events = POLLIN};
+        fds[FD_STARTED] = (struct pollfd){.fd = started, .events = POLLIN};
+        int n_sessions = session_poll_fds(&fds[FD_SESSIONS], MAX_SESSIONS);
+        if (poll(fds, FD_SESSIONS + n_sessions, -1) < 0) {
             if (errno == EINTR)
                 continue;
             die("poll");
         }
-        if (fds[2].fd >= 0 && fds[2].revents) {
+        if (started >= 0 && fds[FD_STARTED].revents) {
             exec_done = 1;
-            close(started[0]);
-            fds[2].fd = -1;
+            close(started);
+            started = -1;
         }
-        if (fds[1].fd >= 0 && fds[1].revents) {
-            /* Commands first: the manager writes `h` before it hangs up the dyno, so a
-             * command that dies of the hang-up finds the dyno already detached. */
-            for (;;) {
-                if (main_pid < 0 && sandboxed) {
-                    struct start start;
-                    ssize_t peeked = recv(control, packet, 1, MSG_PEEK | MSG_DONTWAIT);
-                    if (peeked == 1 && packet[0] == 'S') {
-                        if (read_start(control, packet, sizeof packet, &start) < 0) {
-                            errno = EPROTO;
-                            die("a bad start message");
-                        }
-                        if (sethostname(start.hostname, strlen(start.hostname)) < 0)
-                            die("sethostname");
-                        if (pipe2(started, O_CLOEXEC) < 0)
-                            die("pipe");
-                        main_pid = start_program(start.argv, start.envp, start.pty, start.fds,
-                                                 1, control, started[1]);
-                        if (main_pid < 0)
-                            die("fork");
-                        close(started[1]);
-                        fds[2].fd = started[0];
-                        for (int i = 0; i < 3; i++)
-                            close(start.fds[i]);
-                        /* The init needs nothing privileged any more; and a process of
-                         * the dyno, with the same uid, may not ptrace it. */
-                        become_dyno_user();
-                        prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-                        continue;
-                    }
-                }
-                char command;
-                ssize_t n = recv(control, &command, 1, MSG_DONTWAIT);
-                if (n == 1) {
-                    handle_command(command);
-                    continue;
-                }
-                if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
-                    /* The manager is gone: so is the dyno. */
-                    fds[1].fd = -1;
-                    detached = 0;
-                    signal_all(SIGKILL);
-                    if (main_pid < 0)
-                        return 0;  /* prepared, never started */
-                }
-                break;
-            }
+        /* Commands first: the manager writes `h` before it hangs up the dyno, so a
+         * command that dies of the hang-up finds the dyno already detached. */
+        if (control >= 0 && fds[FD_CONTROL].revents && !read_control(control, sandboxed, &started)) {
+            /* The manager is gone: so is the dyno. */
+            close(control);
+            control = -1;
+            detached = 0;
+            signal_all(SIGKILL);
+            if (main_pid < 0)
+                return 0;  /* prepared, never started */
         }
-        if (fds[0].revents) {
+        session_events(&fds[FD_SESSIONS], n_sessions);
+        if (fds[FD_SIGNALS].revents) {
             struct signalfd_siginfo info;
             while (read(sfd, &info, sizeof info) > 0) {
             }
         }
-        /* Reap everything that ended: our own child, and orphans handed to us. */
+        /* Reap everything that ended: our own child, entered processes, and orphans. */
         for (;;) {
             int status;
             pid_t pid = waitpid(-1, &status, WNOHANG);
@@ -744,6 +416,7 @@ static int run(int control, int sfd, int ctty, char **argv, int sandboxed) {
                 continue;
             }
             if (pid > 0) {
+                session_reaped(pid, status);
                 if (main_status != -1 && !detached)
                     signal_all(SIGKILL);  /* one forked while we were killing */
                 continue;
@@ -798,7 +471,7 @@ int main(int argc, char **argv) {
          * one helper. */
         join_cgroups();
         int flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP;
-        if (spec.own_net)
+        if (spec_own_net())
             flags |= CLONE_NEWNET;
         if (unshare(flags) < 0)
             die("unshare");
@@ -837,5 +510,8 @@ int main(int argc, char **argv) {
     int sfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
     if (sfd < 0)
         die("signalfd");
-    return run(control, sfd, ctty, sandboxed ? NULL : &argv[i], sandboxed);
+    if (sandboxed)
+        return run(control, sfd, NULL, 1);
+    struct program program = {.argv = &argv[i], .new_session = ctty, .ctty = ctty};
+    return run(control, sfd, &program, 0);
 }

@@ -1,5 +1,5 @@
-"""The dyno's init (dyno_init.c): built once per source version, and the pipes the manager
-drives each dyno's init through.
+"""The dyno's init (dyno_init.c and its parts): built once per source version, and the
+channels the manager drives each dyno's init through.
 
 The init is native because one runs beside every dyno (the benchmarks run 1,000 at
 once); it is built here, from the source shipped in the package, with the host's C
@@ -23,7 +23,11 @@ import trio
 
 from gateway.ipc import ancillary
 
-SOURCE = Path(__file__).with_name("dyno_init.c")
+# The init's sources, built together into one binary (dyno_init.h says which does what).
+SOURCES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("dyno_init.h", "dyno_init.c", "dyno_init_sandbox.c", "dyno_init_sessions.c")
+)
 COMPILERS = ("cc", "gcc", "clang")
 # Descriptors a dyno inherits are moved at or above this, clear of the ones the bwrap
 # wrapper script uses for itself (3 and 4).
@@ -54,8 +58,7 @@ class InitBinary:
     @classmethod
     def ensure(cls, lib_dir: Path) -> InitBinary:
         """The init for this source, built into `lib_dir` if it is not there yet."""
-        source = SOURCE.read_bytes()
-        digest = hashlib.sha256(source).hexdigest()[:16]
+        digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES)).hexdigest()[:16]
         path = lib_dir / f"dyno-init-{digest}"
         if not path.exists():
             _build(path)
@@ -66,13 +69,13 @@ def _build(path: Path) -> None:
     compiler = next((c for c in COMPILERS if shutil.which(c)), None)
     if compiler is None:
         raise InitUnavailable(
-            "dynos need a small native init (gateway/manager/dyno_init.c) and no C "
+            "dynos need a small native init (gateway/manager/dyno_init*.c) and no C "
             "compiler was found to build it (Debian: apt-get install gcc libc6-dev)"
         )
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     result = subprocess.run(
-        [compiler, "-O2", "-Wall", "-o", str(partial), str(SOURCE)],
+        [compiler, "-O2", "-Wall", "-o", str(partial), *(str(p) for p in SOURCES[1:])],
         capture_output=True,
         text=True,
     )
@@ -134,10 +137,20 @@ class InitControl:
     ) -> None:
         """Start a prepared dyno's command with these three descriptors as its stdio
         (the init owns its copies from here). OSError if the init is gone."""
-        words = [hostname, "pty" if pty else "pipes", str(len(argv)), *argv]
-        words += [f"{key}={value}" for key, value in env.items()]
-        payload = b"S" + b"".join(os.fsencode(word) + b"\0" for word in words)
-        self.control.sendmsg([payload], ancillary(stdio))
+        words = [hostname, *_program_words(pty, argv, env)]
+        self.control.sendmsg([_packet(b"S", words)], ancillary(stdio))
+
+    def enter(self, pty: bool, argv: list[str], env: dict[str, str], fds: list[int]) -> None:
+        """Fork a process inside the running dyno (dyno_init_sessions.c): `fds` are its
+        stdin, stdout and stderr, then its session socket, on which the init answers
+        (the init owns its copies from here). OSError if the init is gone."""
+        self.control.sendmsg([_packet(b"E", _program_words(pty, argv, env))], ancillary(fds))
+
+    def connect(self, address: str, port: int, reply: int) -> None:
+        """Connect to `address` (a loopback address) and `port` inside the dyno's network;
+        the init answers on `reply`: "ok" with the connecting socket, or "error TEXT".
+        OSError if the init is gone."""
+        self.control.sendmsg([_packet(b"C", [address, str(port)])], ancillary([reply]))
 
     async def said(self, kind: str) -> str:
         """The value of the init's next status line, which must be `kind` ("pid",
@@ -184,3 +197,13 @@ class InitControl:
             if fd not in self.closed:
                 self.closed.add(fd)
                 os.close(fd)
+
+
+def _program_words(pty: bool, argv: list[str], env: dict[str, str]) -> list[str]:
+    words = ["pty" if pty else "pipes", str(len(argv)), *argv]
+    return words + [f"{key}={value}" for key, value in env.items()]
+
+
+def _packet(kind: bytes, words: list[str]) -> bytes:
+    """A control packet: its kind, then NUL-terminated words."""
+    return kind + b"".join(os.fsencode(word) + b"\0" for word in words)

@@ -61,3 +61,21 @@ def encode_words(words: Sequence[str]) -> bytes:
         if "\0" in word:
             raise ValueError("a sandbox spec word holds a NUL byte")
     return b"".join(os.fsencode(word) + b"\0" for word in words)
+
+
+def account_files(
+    passwd: str, group: str, uid: int, gid: int, shell: str
+) -> tuple[tuple[str, str], ...]:
+    """/etc/passwd and /etc/group for a dyno: the host's (its `ls -l` names the stack's
+    owners) and a line for the app's own user, `uNNN` (as Heroku names a dyno's user)
+    with its home at /app: programs that look their user up (sftp-server, ssh, a shell's
+    prompt) find it."""
+    name = f"u{uid}"
+
+    def ended(text: str) -> str:
+        return text if not text or text.endswith("\n") else text + "\n"
+
+    return (
+        ("/etc/passwd", f"{ended(passwd)}{name}:x:{uid}:{gid}::/app:{shell}\n"),
+        ("/etc/group", f"{ended(group)}{name}:x:{gid}:\n"),
+    )

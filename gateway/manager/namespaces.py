@@ -36,11 +36,17 @@ from gateway.manager.limits import (
     limits_for,
     parent_name,
 )
-from gateway.manager.namespace_spec import NamespaceSpec, encode_words, spec_words
+from gateway.manager.namespace_spec import (
+    NamespaceSpec,
+    account_files,
+    encode_words,
+    spec_words,
+)
 from gateway.manager.prepared import PreparedPool
 from gateway.manager.sandbox import (
     OWN_NETWORK_PORT,
     DynoSpec,
+    Inside,
     Launched,
     SandboxError,
     Workspace,
@@ -109,6 +115,7 @@ class NamespaceSandbox:
         self.stack = tuple(look_at_stack(config.dynos.stack))
         self.hidden = tuple(hidden_paths(list(self.stack), _gateway_paths(config)))
         self.resolv = _resolv_conf(self.stack) if network is not None else None
+        self.accounts = _host_accounts(self.stack)
         self.pool: PreparedPool[Recipe, Prepared] = PreparedPool(
             self._prepare,
             self._discard,
@@ -221,7 +228,7 @@ class NamespaceSandbox:
             port=OWN_NETWORK_PORT if own_net else free_port(),
             pty=spec.pty,
         )
-        shell = f"/bin/{self.shell}" if Path("/bin", self.shell).exists() else "/bin/sh"
+        shell = self._shell_path()
         argv = [shell] if spec.command is None else [shell, "-c", spec.command]
         try:
             prepared.init.start(spec.name, spec.pty is not None, argv, env, stdio)
@@ -233,7 +240,7 @@ class NamespaceSandbox:
         if prepared.cgroup is not None and self._nursery is not None:
             self._nursery.start_soon(_end_on_oom, prepared.cgroup, spec.name)
         assert prepared.process is not None  # a prepared sandbox has its init
-        return Launched(prepared.process, prepared.init, prepared.workspace)
+        return Launched(prepared.process, prepared.init, prepared.workspace, Inside(shell, env))
 
     def end_reason(self, launched: Launched) -> list[str]:
         prepared = self._running.get(launched.workspace.root)
@@ -284,7 +291,7 @@ class NamespaceSandbox:
                 cgroup_procs=tuple(str(p) for p in cgroup.procs_files) if cgroup else (),
                 stack=self.stack,
                 hidden=self.hidden,
-                files=(("/etc/resolv.conf", self.resolv),) if self.resolv else (),
+                files=self._files(recipe.uid),
                 data_bytes=None if cgroup else size.memory * 1024 * 1024,
             )
             process = await self._spawn_init(spec, init)
@@ -297,6 +304,18 @@ class NamespaceSandbox:
                 await self._discard(Prepared(recipe, process, init, workspace, cgroup, link))
             raise
         return Prepared(recipe, process, init, workspace, cgroup, link)
+
+    def _files(self, uid: int) -> tuple[tuple[str, str], ...]:
+        """Files written for the dyno: its resolv.conf, its passwd and group."""
+        files: tuple[tuple[str, str], ...] = ()
+        if self.resolv:
+            files += (("/etc/resolv.conf", self.resolv),)
+        if self.accounts is not None:
+            files += account_files(*self.accounts, uid, uid, self._shell_path())
+        return files
+
+    def _shell_path(self) -> str:
+        return f"/bin/{self.shell}" if Path("/bin", self.shell).exists() else "/bin/sh"
 
     async def _spawn_init(self, spec: NamespaceSpec, init: InitControl) -> Child:
         """Start the init in sandbox mode; its first process says the pid of the dyno's
@@ -424,6 +443,16 @@ def _resolv_conf(stack: tuple[StackEntry, ...]) -> str | None:
         except OSError:
             continue
     return upstream_resolv_conf(texts) or "# the host has no name server a dyno can reach\n"
+
+
+def _host_accounts(stack: tuple[StackEntry, ...]) -> tuple[str, str] | None:
+    """The host's /etc/passwd and /etc/group, where the stack shows the host's /etc."""
+    if not any(entry.path == "/etc" and entry.link is None for entry in stack):
+        return None
+    try:
+        return Path("/etc/passwd").read_text(), Path("/etc/group").read_text()
+    except OSError:
+        return None
 
 
 def _remove_root(root: Path) -> None:

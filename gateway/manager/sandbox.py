@@ -55,12 +55,26 @@ class DynoSpec:
 @dataclass(frozen=True)
 class Command:
     """How to start a dyno's process: the supervisor adds stdio and a new session.
-    `pass_fds` are the descriptors the process inherits beside stdio."""
+    `pass_fds` are the descriptors the process inherits beside stdio; `inside` is the
+    dyno's shell and environment as its processes see them (what `ssh APP.run.N` gets)."""
 
     argv: list[str]
     env: dict[str, str]
     cwd: Path
     pass_fds: tuple[int, ...] = ()
+    inside: Inside | None = None
+
+
+@dataclass(frozen=True)
+class Inside:
+    """A running dyno's shell (its path inside the dyno) and environment: what a process
+    entered into the dyno starts with."""
+
+    shell: str
+    env: dict[str, str]
+
+    def argv(self, command: str | None) -> list[str]:
+        return [self.shell] if command is None else [self.shell, "-c", command]
 
 
 class SandboxError(Exception):
@@ -75,6 +89,7 @@ class Launched:
     process: Child
     init: InitControl
     workspace: Workspace
+    inside: Inside
 
 
 class Sandbox(Protocol):
@@ -135,7 +150,8 @@ def start_command(
         init.close()
         raise
     init.close_child_ends()
-    return Launched(process, init, workspace)
+    assert command.inside is not None  # every sandbox's command says it
+    return Launched(process, init, workspace, command.inside)
 
 
 class ProcessSandbox:
@@ -215,7 +231,7 @@ class ProcessSandbox:
             port=free_port(),
             pty=spec.pty,
         )
-        return Command(argv, env, workspace.app)
+        return Command(argv, env, workspace.app, inside=Inside(shell, env))
 
     def end_reason(self, launched: Launched) -> list[str]:
         return []

@@ -1,10 +1,11 @@
 """The dyno manager's socket: one front connection per request, each in a task of its own,
 children of `serve`, so nothing the manager started outlives it.
 
-Requests: Run (gateway/manager/supervisor.py sees the dyno through), Stop, Logs,
-ListDynos (from the store, the one source of truth about which dynos run), Metrics, and
-what the front cannot do itself since it holds no database: CheckKey, Authorize, and
-FrontHello (its listeners and keys, gateway/manager/front.py).
+Requests: Run (gateway/manager/supervisor.py sees the dyno through), Enter and Forward
+(into a running dyno: gateway/manager/entry.py), Stop, Logs, ListDynos (from the store,
+the one source of truth about which dynos run), Metrics, and what the front cannot do
+itself since it holds no database: CheckKey, Authorize, and FrontHello (its listeners
+and keys, gateway/manager/front.py).
 Whatever goes wrong in one connection stays in it: the manager and every other dyno
 keep running.
 
@@ -16,6 +17,7 @@ the broker of a front we started (each packet on it passes one new connection).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -33,6 +35,8 @@ from gateway.core.protocol import (
     Dropped,
     DynoList,
     End,
+    Enter,
+    Forward,
     FrontHello,
     FrontReady,
     KeyChecked,
@@ -53,6 +57,7 @@ from gateway.ipc import ANCILLARY_SPACE, close_all, received_fds
 from gateway.manager import metrics
 from gateway.manager.applog import AppLog
 from gateway.manager.connection import FrontConnection
+from gateway.manager.entry import DynoEntry
 from gateway.manager.front import FrontKit
 from gateway.manager.lifecycle import DynoLife
 from gateway.manager.orphans import end_group
@@ -86,6 +91,7 @@ class Manager:
         self.front_ready = trio.Event()
         self._front_attached = False
         self._nursery: trio.Nursery | None = None
+        self.entry = DynoEntry(config, store, self.dynos, self.audit)
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept front connections until cancelled; every dyno task is a child of this one,
@@ -191,6 +197,10 @@ class Manager:
         try:
             if isinstance(request, Run):
                 await self.dynos.run(conn, request)
+            elif isinstance(request, Enter):
+                await self.entry.enter(conn, request)
+            elif isinstance(request, Forward):
+                await self.entry.forward(conn, request)
             elif isinstance(request, Stop):
                 await self.stop(conn, request)
             elif isinstance(request, Logs):
@@ -275,7 +285,16 @@ class Manager:
             records = [record] if record is not None else []
         else:
             records = self.store.list_dynos(request.app, running=True)
-        await conn.send(DynoList(tuple(record.info() for record in records)))
+        infos = []
+        for record in records:
+            info = record.info()
+            # How many are inside it now: this node's own dynos (only these can be entered).
+            if (running := self.dynos.running.get((record.app, record.name))) is not None:
+                info = dataclasses.replace(
+                    info, sessions=running.sessions, forwards=running.forwards
+                )
+            infos.append(info)
+        await conn.send(DynoList(tuple(infos)))
 
     async def stream_logs(self, conn: FrontConnection, request: Logs) -> None:
         """The app log's last lines, then (with tail) new lines until the reader leaves.

@@ -24,11 +24,9 @@ from gateway.core.protocol import (
     RemoteProtocolError,
     Reserved,
     Run,
-    Signal,
     Started,
 )
 from gateway.eventlog import EventLog, event_log
-from gateway.ipc import close_all
 from gateway.manager import metrics
 from gateway.manager.applog import AppLog
 from gateway.manager.connection import FrontConnection
@@ -36,6 +34,13 @@ from gateway.manager.dyno import RunningDyno
 from gateway.manager.lifecycle import DynoLife
 from gateway.manager.orphans import start_time
 from gateway.manager.sandbox import DynoSpec, Launched, Sandbox, SandboxError
+from gateway.manager.sftp import (
+    SHOWN,
+    SUBSYSTEM_GRACE,
+    SubsystemUnavailable,
+    audit_sftp_log,
+    subsystem_command,
+)
 from gateway.manager.stdio import Stdio
 from gateway.store import DynoLimitReached, DynoRecord, Store, StoreError
 
@@ -85,6 +90,12 @@ class Supervisor:
             )
         self._check_host_limit()
         command = resolve_command(request.command, release.procfile) if request.command else None
+        if request.subsystem is not None:
+            try:
+                subsystem_command(self.config, request.subsystem)
+            except SubsystemUnavailable as exc:
+                raise Refused(str(exc)) from None
+            command = SHOWN[request.subsystem]
         try:
             record = self.store.create_dyno(
                 app.name,
@@ -155,10 +166,13 @@ class Supervisor:
         except StoreError as exc:
             life.crash()
             raise Refused(str(exc)) from None
+        command: str | None = record.command if request.command else None
+        if request.subsystem is not None:
+            command = subsystem_command(self.config, request.subsystem)
         spec = DynoSpec(
             app=record.app,
             name=record.name,
-            command=record.command if request.command else None,
+            command=command,
             config_vars=self.store.get_config(record.app) | request.env,
             pty=request.pty if request.attach else None,
             release_dir=self.config.releases_dir / record.app / f"v{record.release_version}",
@@ -170,7 +184,7 @@ class Supervisor:
             record.release_version, record.size, request.attach, record.command,
         )  # fmt: skip
         self.applog.heroku(record.app, record.name, applog.starting(record.command))
-        stdio = Stdio(spec.pty, request.attach, request.merge_output)
+        stdio = Stdio(spec.pty, request.attach, request.merge_output, request.subsystem is not None)
         try:
             launched = await self.sandbox.start(spec, stdio.child)
         except SandboxError as exc:
@@ -201,7 +215,7 @@ class Supervisor:
     ) -> None:
         """Hand the running dyno's stdio to the front, and see it to its end."""
         attach = request.attach
-        dyno = RunningDyno(launched.process, spec, stdio, launched.init)
+        dyno = RunningDyno(launched, spec, stdio)
         process = dyno.process
         metrics.DYNO_START_SECONDS.observe(trio.current_time() - request_time)
         metrics.DYNO_STARTS.labels(spec.app, spec.size).inc()
@@ -224,10 +238,19 @@ class Supervisor:
             log.info("dyno up pid=%d", process.pid)
             async with trio.open_nursery() as nursery:
                 if attach:
-                    nursery.start_soon(self._follow_front, conn, dyno, log)
+                    grace = SUBSYSTEM_GRACE if request.subsystem else 0.0
+                    nursery.start_soon(self._follow_front, conn, dyno, log, grace)
                 else:
                     dyno.detached = True  # but it ends with its command, as on Heroku
                     nursery.start_soon(dyno.capture_output, self.applog)
+                sftp_log = trio.Event()
+                if stdio.audit is not None:
+                    where = {"app": spec.app, "dyno": spec.name, "conn": request.connection}
+                    nursery.start_soon(
+                        _audit_then_set, stdio.audit, self.audit, log, where, sftp_log
+                    )
+                else:
+                    sftp_log.set()
                 with trio.move_on_after(self.config.dynos.max_lifetime) as lifetime:
                     with dyno.stop_scope:
                         await process.wait()
@@ -241,10 +264,11 @@ class Supervisor:
                     log.info("dyno stopped (run:stop)")
                     await self._stop(dyno)
                 dyno.end_group()
-                if dyno.detached:
-                    # Let the log take what the dyno printed last (all writers are gone now).
-                    with trio.move_on_after(DRAIN_AFTER_EXIT):
+                # Let the logs take what the dyno wrote last (all writers are gone now).
+                with trio.move_on_after(DRAIN_AFTER_EXIT):
+                    if dyno.detached:
                         await dyno.output_done.wait()
+                    await sftp_log.wait()
                 nursery.cancel_scope.cancel()
             returncode = dyno.exit_status()
         except BaseException:
@@ -256,6 +280,7 @@ class Supervisor:
         finally:
             running.dec()
             dyno.end_group()
+            dyno.ended.set()
             stdio.close()
         exit = Exit.from_returncode(returncode)
         self._ended(life, launched, exit, result, log)
@@ -272,26 +297,21 @@ class Supervisor:
         life.complete(exit, result, *self.sandbox.end_reason(launched))
         log.info("dyno ended status=%s signal=%s result=%s", exit.status, exit.signal, result)
 
-    async def _follow_front(self, conn: FrontConnection, dyno: RunningDyno, log: EventLog) -> None:
+    async def _follow_front(
+        self, conn: FrontConnection, dyno: RunningDyno, log: EventLog, grace: float
+    ) -> None:
         """Relay the front's signal requests. When the front hangs up, so does the dyno
         (as the kernel does for sshd); what survives it runs on detached, its output
-        going to the app log."""
-        while True:
-            try:
-                received = await conn.receive()
-            except RemoteProtocolError as exc:
-                log.warning("bad message from the front error=%s", exc)
-                continue
-            if received is None:
-                log.info("client gone, SIGHUP")
-                dyno.hang_up()
-                await dyno.capture_output(self.applog)
-                return
-            message, fds = received
-            close_all(fds)  # the conversation allows none from the front
-            assert isinstance(message, Signal)  # the only message the front may send now
-            log.info("signal %s", message.name)
-            dyno.signal_foreground(signal.Signals["SIG" + message.name])
+        going to the app log. With a `grace` (a subsystem), the dyno has that long to end
+        by itself first: sftp-server sees the end of its input and logs its open files."""
+        await conn.relay_signals(
+            log, lambda name: dyno.signal_foreground(signal.Signals["SIG" + name])
+        )
+        with trio.move_on_after(grace):
+            await dyno.process.wait()
+        log.info("client gone, SIGHUP")
+        dyno.hang_up()
+        await dyno.capture_output(self.applog)
 
     # -- stopping ----------------------------------------------------------------------
 
@@ -331,3 +351,10 @@ class Supervisor:
             _logger.info("stopping %d dynos", len(self.running))
         with trio.move_on_after(self.config.dynos.stop_grace + 5):
             await self._none_running.wait()
+
+
+async def _audit_then_set(
+    fd: int, audit: AuditLog, log: EventLog, where: dict[str, str], done: trio.Event
+) -> None:
+    await audit_sftp_log(fd, audit, log, **where)
+    done.set()

@@ -17,13 +17,16 @@ descriptors each one carries.
     CheckKey          S KeyChecked | Refused
     Authorize         S Authorized | Refused
     FrontHello        S FrontSetup+fds | Refused;  C FrontReady;  then silence until closed
+    Enter             S Started+fds | Refused;  C Signal*;  S Exited
+    Forward           S Forwarded+fd | Refused;  then S Ended when the dyno ends
 
 The descriptors with Started: a PTY master; or stdin, stdout and stderr; or stdin and one
-merged output. With FrontSetup: the audit trail's, then one listening socket per listener
-(the front holds no database, key file or privileged port of its own). Closing the
-connection ends the conversation; the front closing a running one is its client's
-hang-up, and the front's setup connection closing means that the front (or the manager)
-is gone.
+merged output; or, for a subsystem, stdin and stdout. With Forwarded: the connection's
+socket, made inside the dyno's network. With FrontSetup: the audit trail's, then one
+listening socket per listener (the front holds no database, key file or privileged port
+of its own). Closing the connection ends the conversation; the front closing a running
+one is its client's hang-up, and the front's setup connection closing means that the
+front (or the manager) is gone.
 
 Faults are split as h11 splits them: LocalProtocolError when *we* are about to break the
 protocol (our bug, or a value too large for it, such as a command no exec could take),
@@ -33,9 +36,17 @@ LocalProtocolError raised while building a request from user input is fit for th
 
 from gateway.core.protocol.codec import batches, decode, encode
 from gateway.core.protocol.conversation import Conversation, Phase, Role
+from gateway.core.protocol.fields import (
+    MAX_COMMAND,
+    SUBSYSTEMS,
+    LocalProtocolError,
+    ProtocolError,
+    Pty,
+    RemoteProtocolError,
+)
 from gateway.core.protocol.messages import (
     LISTENER_NAMES,
-    MAX_COMMAND,
+    LOOPBACK_ADDRESSES,
     MAX_LISTENERS,
     MAX_PACKET,
     MAX_SECRET,
@@ -50,22 +61,22 @@ from gateway.core.protocol.messages import (
     DynoInfo,
     DynoList,
     End,
+    Ended,
+    Enter,
     Exited,
+    Forward,
+    Forwarded,
     FrontHello,
     FrontReady,
     FrontSetup,
     KeyChecked,
     ListDynos,
-    LocalProtocolError,
     LogLines,
     Logs,
     Message,
     Metrics,
     MetricsText,
-    ProtocolError,
-    Pty,
     Refused,
-    RemoteProtocolError,
     Reserved,
     Run,
     Signal,
@@ -76,6 +87,7 @@ from gateway.core.protocol.messages import (
 
 __all__ = [
     "LISTENER_NAMES",
+    "LOOPBACK_ADDRESSES",
     "MAX_COMMAND",
     "MAX_LISTENERS",
     "MAX_PACKET",
@@ -83,6 +95,7 @@ __all__ = [
     "MESSAGES",
     "REQUESTS",
     "SIGNALS",
+    "SUBSYSTEMS",
     "Attach",
     "Authorize",
     "Authorized",
@@ -92,7 +105,11 @@ __all__ = [
     "DynoInfo",
     "DynoList",
     "End",
+    "Ended",
+    "Enter",
     "Exited",
+    "Forward",
+    "Forwarded",
     "FrontHello",
     "FrontReady",
     "FrontSetup",

@@ -6,14 +6,16 @@ import json
 from dataclasses import fields
 from typing import Any
 
+from gateway.core.protocol.fields import (
+    LocalProtocolError,
+    Pty,
+    RemoteProtocolError,
+)
 from gateway.core.protocol.messages import (
     MAX_PACKET,
     MESSAGES,
     DynoInfo,
-    LocalProtocolError,
     Message,
-    Pty,
-    RemoteProtocolError,
     Reserved,
     Started,
 )

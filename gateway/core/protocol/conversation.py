@@ -7,6 +7,11 @@ import enum
 from dataclasses import dataclass
 
 from gateway.core.protocol.codec import decode, encode
+from gateway.core.protocol.fields import (
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from gateway.core.protocol.messages import (
     Attach,
     Authorize,
@@ -15,21 +20,22 @@ from gateway.core.protocol.messages import (
     Dropped,
     DynoList,
     End,
+    Ended,
+    Enter,
     Exited,
+    Forward,
+    Forwarded,
     FrontHello,
     FrontReady,
     FrontSetup,
     KeyChecked,
     ListDynos,
-    LocalProtocolError,
     LogLines,
     Logs,
     Message,
     Metrics,
     MetricsText,
-    ProtocolError,
     Refused,
-    RemoteProtocolError,
     Reserved,
     Run,
     Signal,
@@ -49,7 +55,9 @@ class Phase(enum.Enum):
     AWAIT_RESERVED = "await reserved"
     RESERVED = "reserved"  # waiting for the client's Attach
     AWAIT_STARTED = "await started"
-    RUNNING = "running"  # attached: signals up, Exited down
+    RUNNING = "running"  # attached (or entered): signals up, Exited down
+    AWAIT_FORWARDED = "await forwarded"
+    FORWARDING = "forwarding"  # until the dyno ends (Ended) or either side closes
     STOPPING = "await stopping"
     LOG_STREAM = "streaming logs"  # LogLines and Dropped, until End (never, when tailing)
     METRICS_STREAM = "streaming metrics"
@@ -62,8 +70,9 @@ class Phase(enum.Enum):
     DONE = "done"
 
 
-# (phase, message) -> the next phase, for what each side may send. Run and Started are
-# not here: where they lead depends on the request (see Conversation._advance).
+# (phase, message) -> the next phase, for what each side may send. Run, Started,
+# Forwarded and FrontSetup are not here: where they lead, and with how many descriptors,
+# depends on the message or the request (see Conversation._advance).
 _FROM_CLIENT: dict[tuple[Phase, type[Message]], Phase] = {
     (Phase.IDLE, Stop): Phase.STOPPING,
     (Phase.IDLE, Logs): Phase.LOG_STREAM,
@@ -73,6 +82,8 @@ _FROM_CLIENT: dict[tuple[Phase, type[Message]], Phase] = {
     (Phase.IDLE, Authorize): Phase.AUTHORIZING,
     (Phase.IDLE, FrontHello): Phase.AWAIT_SETUP,
     (Phase.SETTING_UP, FrontReady): Phase.FRONT_UP,
+    (Phase.IDLE, Enter): Phase.AWAIT_STARTED,
+    (Phase.IDLE, Forward): Phase.AWAIT_FORWARDED,
     (Phase.RESERVED, Attach): Phase.AWAIT_STARTED,
     (Phase.RUNNING, Signal): Phase.RUNNING,
 }
@@ -81,6 +92,7 @@ _FROM_SERVER: dict[tuple[Phase, type[Message]], Phase] = {
     (Phase.RUNNING, Exited): Phase.DONE,
     (Phase.STOPPING, Stopping): Phase.DONE,
     (Phase.LISTING, DynoList): Phase.DONE,
+    (Phase.FORWARDING, Ended): Phase.DONE,
     (Phase.LOG_STREAM, LogLines): Phase.LOG_STREAM,
     (Phase.LOG_STREAM, Dropped): Phase.LOG_STREAM,
     (Phase.LOG_STREAM, End): Phase.DONE,
@@ -93,6 +105,7 @@ _FROM_SERVER: dict[tuple[Phase, type[Message]], Phase] = {
         for phase in (
             Phase.AWAIT_RESERVED, Phase.AWAIT_STARTED, Phase.STOPPING, Phase.LOG_STREAM,
             Phase.LISTING, Phase.CHECKING_KEY, Phase.AUTHORIZING, Phase.AWAIT_SETUP,
+            Phase.AWAIT_FORWARDED,
         )
     },
 }  # fmt: skip
@@ -106,7 +119,7 @@ class Conversation:
 
     role: Role
     phase: Phase = Phase.IDLE
-    request: Run | Message | None = None
+    request: Message | None = None
 
     def send(self, message: Message, fds: int = 0) -> bytes:
         self._advance(message, fds, self.role, LocalProtocolError)
@@ -127,9 +140,11 @@ class Conversation:
         if sender is Role.CLIENT and phase is Phase.IDLE and isinstance(message, Run):
             after = Phase.AWAIT_RESERVED if message.await_attach else Phase.AWAIT_STARTED
         elif sender is Role.SERVER and phase is Phase.AWAIT_STARTED and kind is Started:
-            assert isinstance(self.request, Run)
+            assert isinstance(self.request, Run | Enter)
             wanted_fds = self.request.stream_count
             after = Phase.RUNNING if self.request.attach else Phase.DONE
+        elif sender is Role.SERVER and phase is Phase.AWAIT_FORWARDED and kind is Forwarded:
+            wanted_fds, after = 1, Phase.FORWARDING
         elif sender is Role.SERVER and phase is Phase.AWAIT_SETUP and kind is FrontSetup:
             assert isinstance(message, FrontSetup)
             wanted_fds = message.fd_count

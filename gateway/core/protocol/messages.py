@@ -3,18 +3,26 @@ LocalProtocolError, which `decode` turns into RemoteProtocolError for the peer's
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+from gateway.core.protocol.fields import (
+    MAX_COMMAND,
+    LocalProtocolError,
+    Pty,
+    check_count,
+    check_flag,
+    check_lines,
+    check_names,
+    check_optional_text,
+    check_process,
+    check_text,
+    count_streams,
+)
 
 # The largest message. A SEQPACKET message must fit the socket's send buffer (212,992
 # bytes by default on Linux, and an unprivileged process cannot raise it past wmem_max).
 MAX_PACKET = 200 * 1024
-# The longest command: what one argument of exec can hold (Linux's MAX_ARG_STRLEN, minus
-# its NUL). Longer scripts go on stdin (`ssh APP@HOST bash < script.sh`).
-MAX_COMMAND = 128 * 1024 - 1
-MAX_NAME = 256  # app, dyno, size, connection ids, terminal types
-MAX_ENV = 64 * 1024  # all of a request's extra environment
 MAX_SECRET = 64 * 1024  # a private key or certificate chain, as PEM text
 MAX_LISTENERS = 12  # listening sockets handed to the front (systemd may pass several)
 LISTENER_NAMES = frozenset({"ssh", "rendezvous", "api", "metrics"})
@@ -24,77 +32,11 @@ SIGNALS = frozenset(
     {"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM",
      "USR1", "USR2"}
 )  # fmt: skip
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class ProtocolError(Exception):
-    """A message or a sequence that is not this protocol."""
-
-
-class LocalProtocolError(ProtocolError):
-    """We were about to send something the protocol does not allow."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer sent something the protocol does not allow."""
-
-
-# -- checks used by the messages ---------------------------------------------------------
-
-
-def _text(value: object, what: str, limit: int = MAX_NAME, empty: bool = False) -> None:
-    if not isinstance(value, str):
-        raise LocalProtocolError(f"{what} must be a string")
-    if len(value.encode(errors="surrogatepass")) > limit:
-        raise LocalProtocolError(f"{what} is over {limit} bytes")
-    if not empty and not value:
-        raise LocalProtocolError(f"{what} must not be empty")
-    if "\0" in value:
-        raise LocalProtocolError(f"{what} holds a NUL byte")
-
-
-def _optional_text(value: object, what: str) -> None:
-    if value is not None:
-        _text(value, what)
-
-
-def _flag(value: object, what: str) -> None:
-    if not isinstance(value, bool):
-        raise LocalProtocolError(f"{what} must be true or false")
-
-
-def _count(value: object, what: str, limit: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-        raise LocalProtocolError(f"{what} must be a whole number from 0 to {limit}")
-
-
-def _lines(value: object, what: str) -> None:
-    if not isinstance(value, tuple) or not all(isinstance(line, str) for line in value):
-        raise LocalProtocolError(f"{what} must be a list of strings")
-
-
-def _names(value: object, what: str, limit: int) -> None:
-    _lines(value, what)
-    assert isinstance(value, tuple)
-    if len(value) > limit:
-        raise LocalProtocolError(f"{what} holds more than {limit}")
-    for name in value:
-        _text(name, what)
+# What a forwarded connection may reach: the dyno's own loopback, nothing else.
+LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 
 
 # -- the messages ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pty:
-    term: str
-    cols: int
-    rows: int
-
-    def __post_init__(self) -> None:
-        _text(self.term, "pty term", empty=True)
-        _count(self.cols, "pty cols", 10000)
-        _count(self.rows, "pty rows", 10000)
 
 
 @dataclass(frozen=True)
@@ -120,48 +62,79 @@ class Run(Message):
     await_attach: bool = False
     # One stream for stdout and stderr (the rendezvous carries them merged).
     merge_output: bool = False
+    # A subsystem instead of a command: its stderr is the manager's (sftp-server's log,
+    # for the audit trail), so Started carries stdin and stdout.
+    subsystem: str | None = None
 
     def __post_init__(self) -> None:
-        _text(self.app, "app")
-        if self.command is not None:
-            if not isinstance(self.command, str):
-                raise LocalProtocolError("command must be a string")
-            size = len(self.command.encode(errors="surrogatepass"))
-            if size > MAX_COMMAND:
-                raise LocalProtocolError(
-                    f"the command is {size} bytes, more than the {MAX_COMMAND} one process "
-                    "argument can hold; send a long script on stdin instead "
-                    "(ssh APP@HOST bash < script.sh)"
-                )
-            if "\0" in self.command:
-                raise LocalProtocolError("the command holds a NUL byte, which no exec can take")
-        _text(self.connection, "connection")
-        if self.pty is not None and not isinstance(self.pty, Pty):
-            raise LocalProtocolError("pty must be a terminal's type and size")
-        if not isinstance(self.env, dict):
-            raise LocalProtocolError("env must map names to values")
-        total = 0
-        for name, value in self.env.items():
-            if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-                raise LocalProtocolError(f"env: {str(name)[:64]!r} is not a variable name")
-            _text(value, f"env {name}", limit=MAX_ENV, empty=True)
-            total += len(name) + len(value)
-        if total > MAX_ENV:
-            raise LocalProtocolError(f"env is over {MAX_ENV} bytes")
-        _optional_text(self.size, "size")
+        check_text(self.app, "app")
+        check_process(self)
+        check_optional_text(self.size, "size")
         for name in ("attach", "await_attach", "merge_output"):
-            _flag(getattr(self, name), name)
+            check_flag(getattr(self, name), name)
         if self.await_attach and not self.attach:
             raise LocalProtocolError("await_attach needs attach")
+        if self.subsystem is not None and (not self.attach or self.merge_output):
+            raise LocalProtocolError("a subsystem is attached, with stdout of its own")
 
     @property
     def stream_count(self) -> int:
         """How many descriptors Started carries for this request."""
         if not self.attach:
             return 0
-        if self.pty is not None:
-            return 1
-        return 2 if self.merge_output else 3
+        return count_streams(self.pty, self.subsystem, self.merge_output)
+
+
+@dataclass(frozen=True)
+class Enter(Message):
+    """Start a process inside the running dyno `dyno` of `app` (`ssh APP.run.N`): in its
+    namespaces, cgroup and root, as its user, with its environment. `command` None: a
+    shell; `subsystem`: sftp-server, as with Run."""
+
+    kind: ClassVar[str] = "enter"
+    app: str
+    dyno: str
+    command: str | None
+    connection: str
+    pty: Pty | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    subsystem: str | None = None
+
+    def __post_init__(self) -> None:
+        check_text(self.app, "app")
+        check_text(self.dyno, "dyno")
+        check_process(self)
+
+    @property
+    def attach(self) -> bool:
+        return True
+
+    @property
+    def stream_count(self) -> int:
+        return count_streams(self.pty, self.subsystem, False)
+
+
+@dataclass(frozen=True)
+class Forward(Message):
+    """A TCP connection to `port` on `address` (its loopback) inside the running dyno
+    `dyno` of `app`, for an SSH direct-tcpip channel (`ssh -L`, `-D`)."""
+
+    kind: ClassVar[str] = "forward"
+    app: str
+    dyno: str
+    address: str
+    port: int
+    connection: str
+
+    def __post_init__(self) -> None:
+        check_text(self.app, "app")
+        check_text(self.dyno, "dyno")
+        if self.address not in LOOPBACK_ADDRESSES:
+            raise LocalProtocolError("a forwarded connection goes to the dyno's loopback only")
+        check_count(self.port, "port", 65535)
+        if self.port == 0:
+            raise LocalProtocolError("port must be from 1 to 65535")
+        check_text(self.connection, "connection")
 
 
 @dataclass(frozen=True)
@@ -173,8 +146,8 @@ class Stop(Message):
     dyno: str
 
     def __post_init__(self) -> None:
-        _text(self.app, "app")
-        _text(self.dyno, "dyno")
+        check_text(self.app, "app")
+        check_text(self.dyno, "dyno")
 
 
 @dataclass(frozen=True)
@@ -188,10 +161,10 @@ class Logs(Message):
     tail: bool = False
 
     def __post_init__(self) -> None:
-        _text(self.app, "app")
-        _optional_text(self.dyno, "dyno")
-        _count(self.lines, "lines", 100_000)
-        _flag(self.tail, "tail")
+        check_text(self.app, "app")
+        check_optional_text(self.dyno, "dyno")
+        check_count(self.lines, "lines", 100_000)
+        check_flag(self.tail, "tail")
 
 
 @dataclass(frozen=True)
@@ -210,8 +183,8 @@ class ListDynos(Message):
     dyno: str | None = None
 
     def __post_init__(self) -> None:
-        _text(self.app, "app")
-        _optional_text(self.dyno, "dyno")
+        check_text(self.app, "app")
+        check_optional_text(self.dyno, "dyno")
 
 
 @dataclass(frozen=True)
@@ -245,18 +218,22 @@ class DynoInfo:
     attached: bool
     created_at: float
     release_version: int
+    sessions: int = 0  # processes entered into it now (ssh APP.run.N, sftp)
+    forwards: int = 0  # forwarded connections into it now
 
     def __post_init__(self) -> None:
         for name in ("name", "size", "state"):
-            _text(getattr(self, name), f"dyno {name}")
-        _text(self.command, "dyno command", limit=MAX_COMMAND, empty=True)
+            check_text(getattr(self, name), f"dyno {name}")
+        check_text(self.command, "dyno command", limit=MAX_COMMAND, empty=True)
         for name in ("since", "created_at"):
             if isinstance(getattr(self, name), bool) or not isinstance(
                 getattr(self, name), int | float
             ):
                 raise LocalProtocolError(f"dyno {name} must be a time")
-        _flag(self.attached, "dyno attached")
-        _count(self.release_version, "dyno release_version", 2**31)
+        check_flag(self.attached, "dyno attached")
+        check_count(self.release_version, "dyno release_version", 2**31)
+        check_count(self.sessions, "dyno sessions", 2**31)
+        check_count(self.forwards, "dyno forwards", 2**31)
 
 
 @dataclass(frozen=True)
@@ -285,8 +262,23 @@ class Exited(Message):
 
     def __post_init__(self) -> None:
         if self.status is not None:
-            _count(self.status, "status", 255)
-        _optional_text(self.signal, "signal")
+            check_count(self.status, "status", 255)
+        check_optional_text(self.signal, "signal")
+
+
+@dataclass(frozen=True)
+class Forwarded(Message):
+    """The forwarded connection: its socket comes with this message (still connecting:
+    writable once it is connected, or failed)."""
+
+    kind: ClassVar[str] = "forwarded"
+
+
+@dataclass(frozen=True)
+class Ended(Message):
+    """The dyno a forwarded connection went into has ended: close it."""
+
+    kind: ClassVar[str] = "ended"
 
 
 @dataclass(frozen=True)
@@ -295,7 +287,7 @@ class Stopping(Message):
     dyno: str
 
     def __post_init__(self) -> None:
-        _text(self.dyno, "dyno")
+        check_text(self.dyno, "dyno")
 
 
 @dataclass(frozen=True)
@@ -304,7 +296,7 @@ class LogLines(Message):
     lines: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        _lines(self.lines, "lines")
+        check_lines(self.lines, "lines")
 
 
 @dataclass(frozen=True)
@@ -315,7 +307,7 @@ class Dropped(Message):
     count: int
 
     def __post_init__(self) -> None:
-        _count(self.count, "count", 2**62)
+        check_count(self.count, "count", 2**62)
 
 
 @dataclass(frozen=True)
@@ -324,7 +316,7 @@ class MetricsText(Message):
     lines: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        _lines(self.lines, "lines")
+        check_lines(self.lines, "lines")
 
 
 @dataclass(frozen=True)
@@ -354,7 +346,7 @@ class Refused(Message):
     message: str
 
     def __post_init__(self) -> None:
-        _text(self.message, "message", limit=4096)
+        check_text(self.message, "message", limit=4096)
 
 
 # -- what the front asks of the privileged side: it holds no database, keys or ports ----
@@ -369,8 +361,8 @@ class CheckKey(Message):
     fingerprint: str
 
     def __post_init__(self) -> None:
-        _text(self.app, "app")
-        _text(self.fingerprint, "fingerprint")
+        check_text(self.app, "app")
+        check_text(self.fingerprint, "fingerprint")
 
 
 @dataclass(frozen=True)
@@ -379,7 +371,7 @@ class KeyChecked(Message):
     allowed: bool
 
     def __post_init__(self) -> None:
-        _flag(self.allowed, "allowed")
+        check_flag(self.allowed, "allowed")
 
 
 @dataclass(frozen=True)
@@ -392,8 +384,8 @@ class Authorize(Message):
     app: str | None = None
 
     def __post_init__(self) -> None:
-        _text(self.token, "token", limit=1024)
-        _optional_text(self.app, "app")
+        check_text(self.token, "token", limit=1024)
+        check_optional_text(self.app, "app")
 
 
 @dataclass(frozen=True)
@@ -407,8 +399,8 @@ class Authorized(Message):
     app_created_at: float | None = None
 
     def __post_init__(self) -> None:
-        _flag(self.valid, "valid")
-        _names(self.apps, "apps", 100_000)
+        check_flag(self.valid, "valid")
+        check_names(self.apps, "apps", 100_000)
         if self.app_created_at is not None and (
             isinstance(self.app_created_at, bool)
             or not isinstance(self.app_created_at, int | float)
@@ -437,17 +429,17 @@ class FrontSetup(Message):
     tls_key: str = ""
 
     def __post_init__(self) -> None:
-        _names(self.listeners, "listeners", MAX_LISTENERS)
+        check_names(self.listeners, "listeners", MAX_LISTENERS)
         unknown = set(self.listeners) - LISTENER_NAMES
         if unknown:
             raise LocalProtocolError(f"unknown listener {sorted(unknown)[0][:32]!r}")
-        _lines(self.host_keys, "host_keys")
+        check_lines(self.host_keys, "host_keys")
         if not self.host_keys or len(self.host_keys) > 8:
             raise LocalProtocolError("host_keys must hold from 1 to 8 keys")
         for key in self.host_keys:
-            _text(key, "host key", limit=MAX_SECRET)
-        _text(self.tls_cert, "tls_cert", limit=MAX_SECRET, empty=True)
-        _text(self.tls_key, "tls_key", limit=MAX_SECRET, empty=True)
+            check_text(key, "host key", limit=MAX_SECRET)
+        check_text(self.tls_cert, "tls_cert", limit=MAX_SECRET, empty=True)
+        check_text(self.tls_key, "tls_key", limit=MAX_SECRET, empty=True)
 
     @property
     def fd_count(self) -> int:
@@ -463,10 +455,11 @@ class FrontReady(Message):
 
 
 REQUESTS: tuple[type[Message], ...] = (
-    Run, Stop, Logs, Metrics, ListDynos, CheckKey, Authorize, FrontHello,
+    Run, Stop, Logs, Metrics, ListDynos, CheckKey, Authorize, FrontHello, Enter, Forward,
 )  # fmt: skip
 _ALL: tuple[type[Message], ...] = (
         *REQUESTS, Attach, Signal, Reserved, Started, Exited, Stopping, LogLines, Dropped,
         MetricsText, DynoList, End, Refused, KeyChecked, Authorized, FrontSetup, FrontReady,
+        Forwarded, Ended,
     )  # fmt: skip
 MESSAGES: dict[str, type[Message]] = {cls.kind: cls for cls in _ALL}
