@@ -72,6 +72,13 @@ def test_environment_holds_config_vars_dyno_and_home(gateway: Gateway) -> None:
     assert result.returncode == 0
 
 
+def test_files_a_dyno_makes_have_the_usual_modes(gateway: Gateway) -> None:
+    # The gateway keeps its own state private (umask 077); a dyno gets sshd's 022.
+    app = gateway.new_app()
+    result = gateway.ssh(app, "umask; touch /tmp/f && mkdir /tmp/d && stat -c %a /tmp/f /tmp/d")
+    assert result.stdout == b"0022\n644\n755\n", result.stderr
+
+
 def test_procfile_process_type_resolves_with_its_arguments(gateway: Gateway) -> None:
     app = gateway.new_app(
         {"Procfile": "worker: sh work.sh\n", "work.sh": 'echo "working on $1 in $DYNO"\n'}

@@ -232,3 +232,19 @@ def test_readme_using_it_runs_as_written(tmp_path: Path) -> None:
     finally:
         os.killpg(server.pid, signal.SIGINT)
         assert server.wait(60) == 0, "\n".join(log)
+
+
+def test_an_installed_package_carries_the_dyno_inits_sources(tmp_path: Path) -> None:
+    # docs/operations.md installs with `pip install CHECKOUT`: the manager builds the dyno
+    # init from its C sources on the host, so the wheel must hold them.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+         str(REPO), "-w", str(tmp_path)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    import zipfile
+
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {p.name for p in (REPO / "gateway" / "manager").glob("dyno_init*.[ch]")}
+    assert sources and {f"gateway/manager/{name}" for name in sources} <= names

@@ -637,6 +637,7 @@ PARITY = [
     test_exec.test_binary_output_on_both_streams,
     test_exec.test_each_dyno_gets_a_fresh_copy_of_the_release,
     test_exec.test_environment_holds_config_vars_dyno_and_home,
+    test_exec.test_files_a_dyno_makes_have_the_usual_modes,
     test_exec.test_procfile_process_type_resolves_with_its_arguments,
     test_interactive.test_signal_requests_reach_the_dyno,
     test_interactive.test_a_100kb_paste_through_the_pty_arrives_intact,

@@ -63,6 +63,7 @@
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -211,6 +212,7 @@ pid_t start_program(const struct program *program, int control) {
         die("TIOCSCTTY");
     if (program->sandboxed)
         enter_sandbox();
+    umask(022);  /* sshd's, not the manager's private 077 */
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);  /* what waited is delivered now */
