@@ -73,6 +73,9 @@ class SSHSettings:
     max_sessions: int = 10
     # Client environment variables that reach a dyno (`*` matches a suffix).
     accept_env: tuple[str, ...] = ("LANG", "LC_*", "TZ")
+    # Behind HAProxy (send-proxy-v2): every connection must start with a PROXY protocol
+    # v2 header, whose client address counts for admission, penalties, audit and logs.
+    proxy_protocol: bool = False
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -181,12 +184,16 @@ class RendezvousSettings:
     san: tuple[str, ...] = ("127.0.0.1", "localhost")
     # Seconds a dyno made through the API waits for its client (then R13, status 128).
     attach_timeout: int = 30
+    # As [ssh] proxy_protocol, for this listener.
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True)
 class APISettings:
     # The Platform API subset the heroku CLI uses (HEROKU_HOST=http://...); "" disables it.
     listen: str = "127.0.0.1:5001"
+    # As [ssh] proxy_protocol, for this listener.
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,6 +230,28 @@ class ShutdownSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """This node among several sharing one PostgreSQL database (docs/scale-out.md)."""
+
+    # The node's name in dyno records and `gateway nodes`: "" means the host name.
+    node: str = ""
+    # The host clients of this node are told (the rendezvous host in attach_url): ""
+    # means [rendezvous] public_host.
+    public_host: str = ""
+    # Seconds between this node's heartbeats; a node silent for dead_after seconds is
+    # dead, and the others close its dynos as crashed.
+    heartbeat: int = 5
+    dead_after: int = 30
+    # HAProxy's agent-check: the node's free dyno capacity as a weight (`up 37%`, or
+    # `drain`). Served when database_url is set; "" disables it.
+    agent_listen: str = "127.0.0.1:9465"
+
+    @property
+    def node_name(self) -> str:
+        return self.node or socket.gethostname()
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = Path("state")
     keys_dir: Path = Path("keys")
@@ -240,6 +269,7 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     front: FrontSettings = field(default_factory=FrontSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     source: str = "<defaults>"
 
     @property
@@ -265,6 +295,12 @@ class Config:
     @property
     def manager_socket(self) -> Path:
         return Path(self.front.socket) if self.front.socket else self.state_dir / "manager.sock"
+
+    @property
+    def attach_host(self) -> str:
+        """The rendezvous host put in attach_url: this node's ([cluster] public_host),
+        else [rendezvous] public_host."""
+        return self.cluster.public_host or self.rendezvous.public_host
 
 
 def split_listen(value: str) -> tuple[str, int]:
@@ -367,6 +403,7 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
         ("rendezvous.listen", config.rendezvous.listen or "x:0"),
         ("api.listen", config.api.listen or "x:0"),
         ("metrics.listen", config.metrics.listen or "x:0"),
+        ("cluster.agent_listen", config.cluster.agent_listen or "x:0"),
     ):
         try:
             split_listen(value)
@@ -376,6 +413,11 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
         raise ConfigError(f"{source}: 'ssh.public_port' must be a port number (0: the listen port)")
     if config.database_url:
         check_database_url(config.database_url, source)
+    if not 1 <= config.cluster.heartbeat < config.cluster.dead_after:
+        raise ConfigError(
+            f"{source}: 'cluster.heartbeat' must be at least 1 and below 'cluster.dead_after' "
+            f"(got {config.cluster.heartbeat} and {config.cluster.dead_after})"
+        )
     base = base or default_home()[0]
     for key, check in (
         ("max_startups", startup_slots),

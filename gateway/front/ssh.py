@@ -188,7 +188,12 @@ class GatewayServer(asyncssh.SSHServer):
         self._pending = conn.get_extra_info("admission")
         peer = conn.get_extra_info("peername") or ("?", 0)
         if self._pending is not None:
-            self.id, self.source = self._pending.conn, self._pending.source
+            # The gate's: the client's address, also when a proxy told it.
+            self.id, self.source, peer = (
+                self._pending.conn,
+                self._pending.source,
+                self._pending.peer,
+            )
         else:  # not through a gate
             self.id, self.source = connection_id(), str(peer[0])
         sock = conn.get_extra_info("socket")
