@@ -4,16 +4,12 @@ counted; nothing else writes a dyno's state."""
 
 from __future__ import annotations
 
-import logging
-
 from gateway.audit import AuditLog
 from gateway.core import applog
 from gateway.core.dyno import Exit, State, transition
 from gateway.manager import metrics
 from gateway.manager.applog import AppLog
-from gateway.store import Store, StoreUnavailable
-
-log = logging.getLogger(__name__)
+from gateway.store import Store
 
 
 class DynoLife:
@@ -56,11 +52,13 @@ class DynoLife:
 
     def _close(self, old: State, exit: Exit, result: str) -> None:
         self.applog.heroku(self.app, self.name, applog.state_changed(old, self.state))
-        try:
-            self.store.end_dyno(self.app, self.name, self.state, exit.status, exit.signal)
-        except StoreUnavailable as exc:
-            # Closed as crashed when this node's manager next starts (recover).
-            log.error("dyno record left open app=%s dyno=%s error=%s", self.app, self.name, exc)
+        state = self.state
+        # After the app log lines before it; while the database is away, when it is back
+        # (if this node's manager stops first, its next start closes it as crashed).
+        self.applog.in_order(
+            f"app={self.app} dyno={self.name} record",
+            lambda: self.store.end_dyno(self.app, self.name, state, exit.status, exit.signal),
+        )
         metrics.DYNO_ENDS.labels(self.app, self.size, result).inc()
         self.audit.event(
             "dyno_end", app=self.app, dyno=self.name, size=self.size, result=result,

@@ -33,6 +33,7 @@ from gateway.manager.connection import FrontConnection
 from gateway.manager.dyno import RunningDyno
 from gateway.manager.lifecycle import DynoLife
 from gateway.manager.orphans import start_time
+from gateway.manager.releases import ReleaseCache, ReleaseUnavailable
 from gateway.manager.sandbox import DynoSpec, Launched, Sandbox, SandboxError
 from gateway.manager.sftp import (
     SHOWN,
@@ -65,6 +66,8 @@ class Supervisor:
         self.sandbox = sandbox
         self.applog = log
         self.audit = audit
+        # Releases unpacked on this node; fetched from the store on first use.
+        self.releases = ReleaseCache(config)
         # The dynos supervised here, by (app, name): None while one is being prepared.
         self.running: dict[tuple[str, str], RunningDyno | None] = {}
         self._none_running = trio.Event()
@@ -166,6 +169,12 @@ class Supervisor:
         except StoreError as exc:
             life.crash()
             raise Refused(str(exc)) from None
+        try:
+            release_dir = await self.releases.ensure(record.app, record.release_version)
+        except ReleaseUnavailable as exc:
+            log.error("dyno failed to start error=%s", exc)
+            life.crash()
+            raise Refused(f"{record.name} failed to start: {exc}") from None
         command: str | None = record.command if request.command else None
         if request.subsystem is not None:
             command = subsystem_command(self.config, request.subsystem)
@@ -175,7 +184,7 @@ class Supervisor:
             command=command,
             config_vars=self.store.get_config(record.app) | request.env,
             pty=request.pty if request.attach else None,
-            release_dir=self.config.releases_dir / record.app / f"v{record.release_version}",
+            release_dir=release_dir,
             size=record.size,
             uid=uid,
         )
