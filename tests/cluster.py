@@ -202,6 +202,7 @@ def start_cluster(root: Path, postgres: PostgresServer, max_per_app: int = 10) -
     url = postgres.create_database()
     ports = Ports()
     keys = root / "keys"
+    root.mkdir(parents=True, exist_ok=True)
     client_key = _client_key(root)
     nodes = {}
     for name, host in NODES.items():
