@@ -27,10 +27,20 @@ class DynoLife:
         self.app, self.name, self.size = app, name, size
         self.state = state
 
-    def up(self) -> None:
+    def up(self, pid: int, started: int) -> None:
+        """The process runs (`pid`, started at `started` clock ticks, for recovery after
+        a crash). Written in order with the app log: a dyno that starts while the
+        database is away runs, and its record follows when the database is back."""
         old = self.state
         self._to(State.UP)
-        self.store.set_dyno_state(self.app, self.name, State.UP)
+        app, name = self.app, self.name
+        self.applog.in_order(
+            f"app={app} dyno={name} process",
+            lambda: self.store.set_dyno_process(app, name, pid, started),
+        )
+        self.applog.in_order(
+            f"app={app} dyno={name} state", lambda: self.store.set_dyno_state(app, name, State.UP)
+        )
         self.applog.heroku(self.app, self.name, applog.state_changed(old, State.UP))
 
     def complete(self, exit: Exit, result: str, *reasons: str) -> None:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import time
+from dataclasses import replace
 
 import trio
 
 from gateway.audit import AuditLog
 from gateway.config import Config
 from gateway.core import applog, sizes
-from gateway.core.dyno import Exit
+from gateway.core.dyno import Exit, State
 from gateway.core.procfile import resolve_command
 from gateway.core.protocol import (
     Attach,
@@ -206,7 +208,9 @@ class Supervisor:
             raise
         stdio.close_child()
         try:
-            await self._supervise(conn, request, spec, launched, stdio, life, log, request_time)
+            await self._supervise(
+                conn, request, record, spec, launched, stdio, life, log, request_time
+            )
         finally:
             with trio.CancelScope(shield=True):
                 await self.sandbox.remove(launched)
@@ -215,6 +219,7 @@ class Supervisor:
         self,
         conn: FrontConnection,
         request: Run,
+        record: DynoRecord,
         spec: DynoSpec,
         launched: Launched,
         stdio: Stdio,
@@ -232,16 +237,14 @@ class Supervisor:
         running.inc()
         self.audit.event("dyno_start", app=spec.app, dyno=spec.name, size=spec.size,
                          command=spec.command, attached=attach, pid=process.pid)  # fmt: skip
-        self.store.set_dyno_process(spec.app, spec.name, process.pid, start_time(process.pid) or 0)
         self.running[(spec.app, spec.name)] = dyno
         result = "exited"
         try:
             # Up before the client hears of it, so what it asks next already says so.
-            life.up()
-            record = self.store.get_dyno(spec.app, spec.name)
-            assert record is not None
+            life.up(process.pid, start_time(process.pid) or 0)
+            info = replace(record, state=str(State.UP), updated_at=time.time()).info()
             try:
-                await conn.send(Started(record.info()), stdio.front)
+                await conn.send(Started(info), stdio.front)
             finally:
                 stdio.close_front()
             log.info("dyno up pid=%d", process.pid)
