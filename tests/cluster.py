@@ -26,7 +26,7 @@ from tests.postgres import PostgresServer
 
 HAPROXY = "/usr/sbin/haproxy"
 NODES = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
-# Where HAProxy takes each node's rendezvous: the node's [cluster] public_host.
+# Where HAProxy takes each node's rendezvous and API (log streams): its public_host.
 RENDEZVOUS = {"a": "127.0.0.12", "b": "127.0.0.13", "c": "127.0.0.14"}
 # The loopback address the test's clients connect from: not HAProxy's, so the nodes can
 # only know it from the PROXY header.
@@ -131,6 +131,8 @@ class Cluster:
             "GW_API_PORT": str(p.api), "GW_AGENT_PORT": str(p.agent),
             "LB_SSH_BIND": f"127.0.0.1:{p.lb_ssh}", "LB_API_BIND": f"127.0.0.1:{p.lb_api}",
             **{f"LB_RENDEZVOUS_{name.upper()}_BIND": f"{host}:{p.rendezvous}"
+               for name, host in RENDEZVOUS.items()},
+            **{f"LB_API_{name.upper()}_BIND": f"{host}:{p.api}"
                for name, host in RENDEZVOUS.items()},
             "LB_STATS_SOCKET": str(self.stats_socket),
         }  # fmt: skip

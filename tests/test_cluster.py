@@ -207,6 +207,12 @@ def test_heroku_run_through_the_api_attaches_at_the_rendezvous_of_the_node_holdi
                 served[dyno] = node.name
     assert sorted(served) == ["run.1", "run.2", "run.3", "run.4"]
     assert len(set(served.values())) >= 2, served
+    # logs through the API: the log session is read where it was made (logplex_url
+    # names that node's public_host).
+    for _ in range(3):
+        logs = run("logs", "-a", app, "-n", "50")
+        assert logs.returncode == 0, logs.stderr
+        assert b"heroku[run.1]: Awaiting client" in logs.stdout
     # ps and ps:stop through the API, whichever node answers.
     detached = run("run:detached", "-a", app, "--", "sleep 300")
     assert detached.returncode == 0, detached.stderr
