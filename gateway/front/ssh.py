@@ -179,7 +179,7 @@ class GatewayServer(asyncssh.SSHServer):
         self._failures = 0
         self._tried: set[str] = set()  # refused "APP FINGERPRINT"s, for the penalty
         self._closing = False  # max_auth_tries reached: nothing more is accepted
-        self._store_unavailable = False  # refused because the database could not be asked
+        self._store_unavailable = False  # the key could not be checked (database, manager)
         self._looks: dict[str, int] = {}  # accepted "app key" -> times validated
         self._sessions = 0
         self.observer: Observer = services.observer
