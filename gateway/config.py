@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 from urllib.parse import parse_qs, urlsplit
 
+from gateway.cluster_settings import ClusterSettings
 from gateway.core.admission import NetblockSize, parse_networks, startup_slots
 
 SANDBOXES = ("auto", "namespaces", "bwrap", "process")
@@ -227,28 +228,6 @@ class FrontSettings:
 class ShutdownSettings:
     # On SIGTERM: seconds attached sessions may take to end before they are hung up.
     drain_timeout: int = 10
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """This node among several sharing one PostgreSQL database (docs/scale-out.md)."""
-
-    # The node's name in dyno records and `gateway nodes`: "" means the host name.
-    node: str = ""
-    # The host clients of this node are told (the rendezvous host in attach_url): ""
-    # means [rendezvous] public_host.
-    public_host: str = ""
-    # Seconds between this node's heartbeats; a node silent for dead_after seconds is
-    # dead, and the others close its dynos as crashed.
-    heartbeat: int = 5
-    dead_after: int = 30
-    # HAProxy's agent-check: the node's free dyno capacity as a weight (`up 37%`, or
-    # `drain`). Served when database_url is set; "" disables it.
-    agent_listen: str = "127.0.0.1:9465"
-
-    @property
-    def node_name(self) -> str:
-        return self.node or socket.gethostname()
 
 
 @dataclass(frozen=True)
