@@ -27,3 +27,12 @@ class ClusterSettings:
     @property
     def node_name(self) -> str:
         return self.node or socket.gethostname()
+
+    def problem(self) -> str | None:
+        """What makes these settings unusable, or None."""
+        if not 1 <= self.heartbeat < self.dead_after:
+            return (
+                "'cluster.heartbeat' must be at least 1 and below 'cluster.dead_after' "
+                f"(got {self.heartbeat} and {self.dead_after})"
+            )
+        return None

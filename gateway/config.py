@@ -185,16 +185,14 @@ class RendezvousSettings:
     san: tuple[str, ...] = ("127.0.0.1", "localhost")
     # Seconds a dyno made through the API waits for its client (then R13, status 128).
     attach_timeout: int = 30
-    # As [ssh] proxy_protocol, for this listener.
-    proxy_protocol: bool = False
+    proxy_protocol: bool = False  # as [ssh] proxy_protocol, for this listener
 
 
 @dataclass(frozen=True)
 class APISettings:
     # The Platform API subset the heroku CLI uses (HEROKU_HOST=http://...); "" disables it.
     listen: str = "127.0.0.1:5001"
-    # As [ssh] proxy_protocol, for this listener.
-    proxy_protocol: bool = False
+    proxy_protocol: bool = False  # as [ssh] proxy_protocol, for this listener
 
 
 @dataclass(frozen=True)
@@ -277,8 +275,7 @@ class Config:
 
     @property
     def attach_host(self) -> str:
-        """The rendezvous host put in attach_url: this node's ([cluster] public_host),
-        else [rendezvous] public_host."""
+        """This node's host in attach_url and logplex_url ([cluster], else [rendezvous])."""
         return self.cluster.public_host or self.rendezvous.public_host
 
 
@@ -392,11 +389,8 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
         raise ConfigError(f"{source}: 'ssh.public_port' must be a port number (0: the listen port)")
     if config.database_url:
         check_database_url(config.database_url, source)
-    if not 1 <= config.cluster.heartbeat < config.cluster.dead_after:
-        raise ConfigError(
-            f"{source}: 'cluster.heartbeat' must be at least 1 and below 'cluster.dead_after' "
-            f"(got {config.cluster.heartbeat} and {config.cluster.dead_after})"
-        )
+    if problem := config.cluster.problem():
+        raise ConfigError(f"{source}: {problem}")
     base = base or default_home()[0]
     for key, check in (
         ("max_startups", startup_slots),
