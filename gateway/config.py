@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 from urllib.parse import parse_qs, urlsplit
 
+from gateway.cluster_settings import ClusterSettings
 from gateway.core.admission import NetblockSize, parse_networks, startup_slots
 
 SANDBOXES = ("auto", "namespaces", "bwrap", "process")
@@ -73,6 +74,9 @@ class SSHSettings:
     max_sessions: int = 10
     # Client environment variables that reach a dyno (`*` matches a suffix).
     accept_env: tuple[str, ...] = ("LANG", "LC_*", "TZ")
+    # Behind HAProxy (send-proxy-v2): every connection must start with a PROXY protocol
+    # v2 header, whose client address counts for admission, penalties, audit and logs.
+    proxy_protocol: bool = False
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -181,12 +185,14 @@ class RendezvousSettings:
     san: tuple[str, ...] = ("127.0.0.1", "localhost")
     # Seconds a dyno made through the API waits for its client (then R13, status 128).
     attach_timeout: int = 30
+    proxy_protocol: bool = False  # as [ssh] proxy_protocol, for this listener
 
 
 @dataclass(frozen=True)
 class APISettings:
     # The Platform API subset the heroku CLI uses (HEROKU_HOST=http://...); "" disables it.
     listen: str = "127.0.0.1:5001"
+    proxy_protocol: bool = False  # as [ssh] proxy_protocol, for this listener
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,7 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     front: FrontSettings = field(default_factory=FrontSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     source: str = "<defaults>"
 
     @property
@@ -265,6 +272,11 @@ class Config:
     @property
     def manager_socket(self) -> Path:
         return Path(self.front.socket) if self.front.socket else self.state_dir / "manager.sock"
+
+    @property
+    def attach_host(self) -> str:
+        """This node's host in attach_url and logplex_url ([cluster], else [rendezvous])."""
+        return self.cluster.public_host or self.rendezvous.public_host
 
 
 def split_listen(value: str) -> tuple[str, int]:
@@ -367,6 +379,7 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
         ("rendezvous.listen", config.rendezvous.listen or "x:0"),
         ("api.listen", config.api.listen or "x:0"),
         ("metrics.listen", config.metrics.listen or "x:0"),
+        ("cluster.agent_listen", config.cluster.agent_listen or "x:0"),
     ):
         try:
             split_listen(value)
@@ -376,6 +389,8 @@ def parse(data: dict[str, Any], source: str = "<defaults>", base: Path | None = 
         raise ConfigError(f"{source}: 'ssh.public_port' must be a port number (0: the listen port)")
     if config.database_url:
         check_database_url(config.database_url, source)
+    if problem := config.cluster.problem():
+        raise ConfigError(f"{source}: {problem}")
     base = base or default_home()[0]
     for key, check in (
         ("max_startups", startup_slots),

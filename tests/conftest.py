@@ -56,6 +56,8 @@ class Gateway:
     rendezvous_port: int = field(default_factory=lambda: free_port())
     api_port: int = field(default_factory=lambda: free_port())
     metrics_port: int = field(default_factory=lambda: free_port())
+    # HAProxy's agent-check, served with database_url: a port of its own, not 9465.
+    agent_port: int = field(default_factory=lambda: free_port())
     extra_config: str = ""  # appended to the [dynos] table
     top_config: str = ""  # top-level keys, such as database_url = "..."
     ssh_config: str = ""  # appended to the [ssh] table
@@ -82,6 +84,7 @@ class Gateway:
             f'[rendezvous]\nlisten = "127.0.0.1:{self.rendezvous_port}"\n{self.rendezvous_config}'
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\n'
             f'[metrics]\nlisten = "127.0.0.1:{self.metrics_port}"\n'
+            f'[cluster]\nagent_listen = "127.0.0.1:{self.agent_port}"\n'
             f'[dynos]\nsandbox = "process"\n{self.extra_config}'
         )
 

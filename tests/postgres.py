@@ -40,8 +40,9 @@ def _free_port() -> int:
 class PostgresServer:
     """One cluster: made by `create`, removed by `destroy`."""
 
-    def __init__(self, root: Path, bindir: Path) -> None:
+    def __init__(self, root: Path, bindir: Path, settings: str = "") -> None:
         self.root = root
+        self.settings = settings  # more `-c NAME=VALUE` server options
         self.bindir = bindir
         self.port = _free_port()
         self.data = root / "data"
@@ -52,7 +53,7 @@ class PostgresServer:
             os.chown(root, nobody.pw_uid, nobody.pw_gid)
 
     @classmethod
-    def create(cls) -> PostgresServer:
+    def create(cls, settings: str = "") -> PostgresServer:
         """A new cluster, started; skips the test when PostgreSQL is not installed."""
         bindir = _bindir()
         if bindir is None:
@@ -60,7 +61,7 @@ class PostgresServer:
                 "PostgreSQL is not installed (apt-get install postgresql; ./dev test does it)"
             )
         # Not under pytest's tmp dirs: they are 0700 root's, and the server may be nobody.
-        server = cls(Path(tempfile.mkdtemp(prefix="gateway-pg-")), bindir)
+        server = cls(Path(tempfile.mkdtemp(prefix="gateway-pg-")), bindir, settings)
         server._pg(
             "initdb", "-D", str(server.data), "-U", USER, "--auth=trust", "--no-sync",
             "--encoding=UTF8", "--locale=C.UTF-8",
@@ -88,7 +89,7 @@ class PostgresServer:
     def start(self) -> None:
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off " + self.settings
         )
         self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"),
                  "-o", options, "-w", "start")  # fmt: skip

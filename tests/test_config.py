@@ -106,6 +106,12 @@ def test_environment_variable_names_the_file(
         ("state_dir = 3\n", "'state_dir' must be a string"),
         ("[dynos\n", "not valid TOML"),
         ("[ssh]\npublic_port = 70000\n", "'ssh.public_port' must be a port number"),
+        ('[ssh]\nproxy_protocol = "yes"\n', "'ssh.proxy_protocol' must be a bool"),
+        ("[cluster]\nnode = 3\n", "'cluster.node' must be a str"),
+        ('[cluster]\nagent_listen = "9465"\n', "'cluster.agent_listen': expected HOST:PORT"),
+        ("[cluster]\nheartbeat = 30\n", "'cluster.heartbeat' must be at least 1 and below"),
+        ("[cluster]\nheartbeat = 0\n", "'cluster.heartbeat' must be at least 1 and below"),
+        ("[cluster]\nnodes = 3\n", "unknown key 'cluster.nodes'"),
     ],
 )
 def test_bad_settings_name_the_key_and_file(tmp_path: Path, text: str, message: str) -> None:
@@ -156,3 +162,19 @@ def test_a_database_url_with_a_password_is_refused(tmp_path: Path, url: str) -> 
 def test_a_database_url_that_is_not_postgresql_is_refused(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse({"database_url": url}, source="gw.toml")
+
+
+def test_cluster_settings_and_the_attach_host(tmp_path: Path) -> None:
+    default = load(write(tmp_path, ""))
+    assert default.cluster.node_name == socket.gethostname()
+    assert (default.cluster.heartbeat, default.cluster.dead_after) == (5, 30)
+    assert default.cluster.agent_listen == "127.0.0.1:9465"
+    assert not default.ssh.proxy_protocol and not default.api.proxy_protocol
+    assert default.attach_host == "127.0.0.1"  # [rendezvous] public_host
+    node = load(
+        write(tmp_path, '[cluster]\nnode = "b"\npublic_host = "gw-b.example.com"\n'
+              '[rendezvous]\nproxy_protocol = true\n')
+    )  # fmt: skip
+    assert node.cluster.node_name == "b"
+    assert node.attach_host == "gw-b.example.com"
+    assert node.rendezvous.proxy_protocol

@@ -9,7 +9,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.core import commands, platform_api, rendezvous
+from gateway.core import commands, platform_api, proxy_protocol, rendezvous
 from gateway.core import protocol as p
 from gateway.core.authorized_keys import BadKey, parse_line
 from gateway.core.slug import Member, SlugRefused, plan
@@ -125,3 +125,17 @@ members = st.builds(
 def test_slug_member_lists(listed: list[Member]) -> None:
     with contextlib.suppress(SlugRefused):
         plan(listed, max_bytes=10**6)
+
+
+@FAST
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_proxy_headers(head: bytes, tail: bytes) -> None:
+    # Arbitrary bytes, and arbitrary bytes behind a real signature.
+    for data in (head, proxy_protocol.SIGNATURE + head[:4] + tail):
+        try:
+            header = proxy_protocol.parse(data)
+        except proxy_protocol.BadProxyHeader:
+            continue
+        if header is not None:
+            assert 16 <= header.length <= len(data)
+            assert (header.source is None) == (header.destination is None)

@@ -164,6 +164,8 @@ def check(args: argparse.Namespace, config: Config) -> int:
         ("rendezvous.listen", config.rendezvous.listen),
         ("api.listen", config.api.listen),
         ("metrics.listen", config.metrics.listen),
+        # Served only with a shared database (gateway/manager/main.py).
+        ("cluster.agent_listen", config.cluster.agent_listen if config.database_url else ""),
     ):
         if listen:
             results.append(_port_free(key, listen))

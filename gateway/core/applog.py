@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 # Longer output lines are cut into pieces of this many bytes, as Logplex cuts them.
@@ -19,6 +19,8 @@ class LogLine:
     source: str  # "app" or "heroku"
     dyno: str  # "run.N" (or "api")
     message: str
+    # Its row in the store, once read from there (a tail tells lines apart by it).
+    id: int | None = field(default=None, compare=False)
 
     def format(self) -> str:
         stamp = datetime.fromtimestamp(self.at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")

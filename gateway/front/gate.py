@@ -15,6 +15,12 @@ Why here and not in asyncssh: asyncssh starts the SSH version exchange in
 `connection_made`, and its login timer in the connection's constructor, so the only way
 to spend nothing on a waiting connection is to not create its SSH connection until a
 slot is free (`ssh.start_ssh`). The TLS handshake, likewise, starts only on hand-over.
+
+Behind HAProxy (`proxy_protocol = true` in the listener's table), a connection is first
+made to show its PROXY protocol v2 header (gateway/core/proxy_protocol.py), within
+PROXY_HEADER_TIMEOUT: the client address it carries is the connection's source for
+everything that follows (admission, penalties, audit, logs). Without a valid header the
+connection is closed before it counts anywhere.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from gateway.core.admission import (
     canonical_address,
     startup_slots,
 )
+from gateway.core.proxy_protocol import BadProxyHeader
+from gateway.core.proxy_protocol import parse as parse_proxy_header
 from gateway.front.observe import Observer
 
 log = logging.getLogger("gateway.front")
@@ -117,8 +125,10 @@ class Gate:
         start: Start,
         precheck: Callable[[str], tuple[str, str] | None] = lambda source: None,
         clock: Callable[[], float] = time.monotonic,
+        proxy_protocol: bool = False,
     ) -> None:
         self.listener = listener
+        self.proxy_protocol = proxy_protocol
         self.admission = Admission(limits)
         self.observer = observer
         self._start = start
@@ -245,6 +255,9 @@ class Gate:
 # What a waiting connection may send before reading pauses: an SSH version line and
 # KEXINIT, a TLS ClientHello, an HTTP request head fit; the rest stays in the kernel.
 EARLY_BYTES = 4096
+# Seconds a connection to a proxy_protocol listener has to send its PROXY header (HAProxy
+# sends it at once).
+PROXY_HEADER_TIMEOUT = 5
 
 
 class _Arrival(asyncio.Protocol):
@@ -256,24 +269,70 @@ class _Arrival(asyncio.Protocol):
         self.early = bytearray()
         self.handed_over = False
         self.waiting = False
+        # Behind a proxy, until its header is read: the bytes so far, and the deadline.
+        self._header: bytearray | None = bytearray() if gate.proxy_protocol else None
+        self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.peer = transport.get_extra_info("peername") or ("?", 0)
         self.source = canonical_address(str(self.peer[0]))
+        if self._header is not None:
+            self._header_timer = asyncio.get_running_loop().call_later(
+                PROXY_HEADER_TIMEOUT, self._no_header, "proxy_header_timeout"
+            )
+            return
+        self._arrive()
+
+    def _arrive(self) -> None:
         self.arrived = self.gate._clock()
         self.waiting = self.gate._arrived(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._header is not None:
+            self._read_header(data)
+            return
         self.early += data
         if len(self.early) >= EARLY_BYTES:
             self.transport.pause_reading()
+
+    def _read_header(self, data: bytes) -> None:
+        assert self._header is not None
+        self._header += data
+        try:
+            header = parse_proxy_header(bytes(self._header))
+        except BadProxyHeader as exc:
+            self._no_header("proxy_header", str(exc))
+            return
+        if header is None:
+            return
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        # The client's first bytes came with the header: they are its early bytes.
+        self.early += self._header[header.length :]
+        self._header = None
+        if header.source is not None:  # else the proxy speaks for itself (LOCAL)
+            self.peer = header.source
+            self.source = canonical_address(header.source[0])
+        if len(self.early) >= EARLY_BYTES:
+            self.transport.pause_reading()
+        self._arrive()
+
+    def _no_header(self, reason: str, detail: str = "") -> None:
+        """No valid PROXY header: closed, never counted (its source is unknown)."""
+        self._header = None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self.gate.observer.refused(self.gate.listener, self.conn, self.source, reason, detail)
+        self.transport.abort()
 
     def eof_received(self) -> bool:
         return False  # the client left while waiting: close, and give up the place
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
         # Only before hand-over: a handed-over transport reports to its new protocol.
         if self.waiting and not self.handed_over:
             self.gate._left(self.conn)

@@ -88,7 +88,14 @@ async def serve(config: Config, manager: Connector) -> None:
     # asyncssh.create_server would start the SSH handshake on accept; the gate starts it
     # once the connection is admitted (gateway/front/gate.py).
     gates = [
-        Gate("ssh", admission_limits(config.ssh), observer, start_ssh(options), limits.refusal)
+        Gate(
+            "ssh",
+            admission_limits(config.ssh),
+            observer,
+            start_ssh(options),
+            limits.refusal,
+            proxy_protocol=config.ssh.proxy_protocol,
+        )
     ]
     loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer] = [
@@ -147,15 +154,18 @@ async def _heroku_listeners(
     # The TLS handshake starts once the gate admits the connection.
     rendezvous_gate = Gate(
         "rendezvous", limits, observer,
-        start_tls(context, lambda p: RendezvousProtocol(rendezvous, p.settle), 10),
+        start_tls(context, lambda p: RendezvousProtocol(rendezvous, p.settle, p.peer), 10),
+        proxy_protocol=config.rendezvous.proxy_protocol,
     )  # fmt: skip
     # attach_url names the port the rendezvous really listens on (systemd may pass it).
     r_port = rendezvous_socks[0].getsockname()[1]
     a_port = api_socks[0].getsockname()[1]
-    platform = PlatformAPI(rendezvous, manager, config.rendezvous.public_host, r_port, a_port)
+    # This node's public host: a rendezvous (and a log stream) must reach this node.
+    platform = PlatformAPI(rendezvous, manager, config.attach_host, r_port, a_port)
     api_gate = Gate(
-        "api", limits, observer, start_stream(lambda r, w, p: platform.handle(r, w, p.settle))
-    )
+        "api", limits, observer, start_stream(lambda r, w, p: platform.handle(r, w, p.settle)),
+        proxy_protocol=config.api.proxy_protocol,
+    )  # fmt: skip
     servers: list[asyncio.AbstractServer] = [
         await loop.create_server(rendezvous_gate.protocol, sock=sock, backlog=BACKLOG)
         for sock in rendezvous_socks

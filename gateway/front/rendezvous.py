@@ -15,6 +15,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.core.protocol import DynoInfo, Pty
 from gateway.core.rendezvous import GREETING, BadHandshake, exit_marker, read_secret
@@ -87,10 +88,17 @@ def _key(secret: str) -> str:
 
 
 class RendezvousProtocol(asyncio.Protocol):
-    def __init__(self, rendezvous: Rendezvous, admitted: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        rendezvous: Rendezvous,
+        admitted: Callable[[], None] = lambda: None,
+        peer: tuple[Any, ...] | None = None,
+    ) -> None:
         """`admitted` is called once the client has shown a valid secret or has gone
-        (it frees the connection's admission slot, gateway/front/gate.py)."""
+        (it frees the connection's admission slot, gateway/front/gate.py); `peer` is the
+        client's address when a proxy told it (else the connection's own)."""
         self.rendezvous = rendezvous
+        self._peer = peer
         self._admitted = admitted
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
@@ -104,7 +112,7 @@ class RendezvousProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        peer = transport.get_extra_info("peername") or ("?", 0)
+        peer = self._peer or transport.get_extra_info("peername") or ("?", 0)
         self.log = self.log.bind(peer=f"{peer[0]}:{peer[1]}")
         loop = asyncio.get_running_loop()
         timeout = min(HANDSHAKE_TIMEOUT, self.rendezvous.attach_timeout)

@@ -179,6 +179,7 @@ class GatewayServer(asyncssh.SSHServer):
         self._failures = 0
         self._tried: set[str] = set()  # refused "APP FINGERPRINT"s, for the penalty
         self._closing = False  # max_auth_tries reached: nothing more is accepted
+        self._store_unavailable = False  # the key could not be checked (database, manager)
         self._looks: dict[str, int] = {}  # accepted "app key" -> times validated
         self._sessions = 0
         self.observer: Observer = services.observer
@@ -188,7 +189,12 @@ class GatewayServer(asyncssh.SSHServer):
         self._pending = conn.get_extra_info("admission")
         peer = conn.get_extra_info("peername") or ("?", 0)
         if self._pending is not None:
-            self.id, self.source = self._pending.conn, self._pending.source
+            # The gate's: the client's address, also when a proxy told it.
+            self.id, self.source, peer = (
+                self._pending.conn,
+                self._pending.source,
+                self._pending.peer,
+            )
         else:  # not through a gate
             self.id, self.source = connection_id(), str(peer[0])
         sock = conn.get_extra_info("socket")
@@ -216,7 +222,7 @@ class GatewayServer(asyncssh.SSHServer):
         if self._pending is not None:
             self._pending.settle()
             self._pending = None
-        if not self._authenticated:
+        if not self._authenticated and not self._store_unavailable:
             timed_out = isinstance(exc, asyncssh.ConnectionLost) and exc.reason == LOGIN_TIMEOUT
             if timed_out:
                 detail = f"app={shown(self.app or '-')} grace={self.limits.login_grace_time}s"
@@ -285,6 +291,7 @@ class GatewayServer(asyncssh.SSHServer):
                 self.id, shown(username), self.source, exc,
             )  # fmt: skip
             reason = str(exc) if isinstance(exc, ManagerRefused) else UNAVAILABLE
+            self._store_unavailable = True  # no penalty for what the client did not do
             if self._conn is not None:
                 self._conn.disconnect(asyncssh.DISC_SERVICE_NOT_AVAILABLE, reason)
             return False

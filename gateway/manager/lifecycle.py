@@ -4,16 +4,12 @@ counted; nothing else writes a dyno's state."""
 
 from __future__ import annotations
 
-import logging
-
 from gateway.audit import AuditLog
 from gateway.core import applog
 from gateway.core.dyno import Exit, State, transition
 from gateway.manager import metrics
 from gateway.manager.applog import AppLog
-from gateway.store import Store, StoreUnavailable
-
-log = logging.getLogger(__name__)
+from gateway.store import Store
 
 
 class DynoLife:
@@ -31,10 +27,20 @@ class DynoLife:
         self.app, self.name, self.size = app, name, size
         self.state = state
 
-    def up(self) -> None:
+    def up(self, pid: int, started: int) -> None:
+        """The process runs (`pid`, started at `started` clock ticks, for recovery after
+        a crash). Written in order with the app log: a dyno that starts while the
+        database is away runs, and its record follows when the database is back."""
         old = self.state
         self._to(State.UP)
-        self.store.set_dyno_state(self.app, self.name, State.UP)
+        app, name = self.app, self.name
+        self.applog.in_order(
+            f"app={app} dyno={name} process",
+            lambda: self.store.set_dyno_process(app, name, pid, started),
+        )
+        self.applog.in_order(
+            f"app={app} dyno={name} state", lambda: self.store.set_dyno_state(app, name, State.UP)
+        )
         self.applog.heroku(self.app, self.name, applog.state_changed(old, State.UP))
 
     def complete(self, exit: Exit, result: str, *reasons: str) -> None:
@@ -56,11 +62,13 @@ class DynoLife:
 
     def _close(self, old: State, exit: Exit, result: str) -> None:
         self.applog.heroku(self.app, self.name, applog.state_changed(old, self.state))
-        try:
-            self.store.end_dyno(self.app, self.name, self.state, exit.status, exit.signal)
-        except StoreUnavailable as exc:
-            # Closed as crashed when this node's manager next starts (recover).
-            log.error("dyno record left open app=%s dyno=%s error=%s", self.app, self.name, exc)
+        state = self.state
+        # After the app log lines before it; while the database is away, when it is back
+        # (if this node's manager stops first, its next start closes it as crashed).
+        self.applog.in_order(
+            f"app={self.app} dyno={self.name} record",
+            lambda: self.store.end_dyno(self.app, self.name, state, exit.status, exit.signal),
+        )
         metrics.DYNO_ENDS.labels(self.app, self.size, result).inc()
         self.audit.event(
             "dyno_end", app=self.app, dyno=self.name, size=self.size, result=result,

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import trio
 
 from gateway.config import Config
+from gateway.manager.agent import AgentUnavailable, serve_agent
 from gateway.manager.bwrap import BwrapSandbox, BwrapUnavailable
 from gateway.manager.dyno_init import InitBinary, InitUnavailable
 from gateway.manager.front import Front, FrontDied, FrontKit
@@ -65,6 +66,11 @@ async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], No
                 nursery.start_soon(_watch_signals, signals, stopping, front)
                 await nursery.start(sandbox.run)
                 await nursery.start(manager.serve)
+                await nursery.start(manager.cluster.run)
+                if config.database_url and config.cluster.agent_listen:
+                    await nursery.start(
+                        serve_agent, config.cluster.agent_listen, manager.cluster.agent_reply
+                    )
                 if front is not None:
                     nursery.start_soon(front.run, manager.front_ready, manager.serve_broker)
                     await manager.front_ready.wait()
@@ -76,6 +82,7 @@ async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], No
                     )
                 on_ready()
                 await stopping.wait()
+                manager.cluster.draining = True  # HAProxy's agent-check: no new sessions here
                 # The front stops accepting, tells attached clients and gives them
                 # drain_timeout to end, then hangs them up (their dynos get SIGHUP); what
                 # still runs after that is stopped as run:stop does (SIGTERM, stop_grace,
@@ -84,6 +91,8 @@ async def serve(config: Config, front_argv: list[str], on_ready: Callable[[], No
                 if front is not None:
                     await front.stop(config.shutdown.drain_timeout + 5)
                 await manager.stop_all()
+                manager.applog.flush()
+                manager.cluster.stopped()
                 nursery.cancel_scope.cancel()
         finally:
             close_all(listeners)
@@ -204,6 +213,7 @@ def run(
         StoreUnavailable,
         PrivilegeError,
         PassedSocketsUnusable,
+        AgentUnavailable,
     ) as group:
         failures.extend(str(exc) for exc in _leaves(group))
     for line in failures:

@@ -2,7 +2,8 @@
 children of `serve`, so nothing the manager started outlives it.
 
 Requests: Run (gateway/manager/supervisor.py sees the dyno through), Enter and Forward
-(into a running dyno: gateway/manager/entry.py), Stop, Logs, ListDynos (from the store,
+(into a running dyno: gateway/manager/entry.py), Stop (of a dyno on another node: sent
+there, gateway/manager/cluster.py), Logs, ListDynos (from the store,
 the one source of truth about which dynos run), Metrics, and what the front cannot do
 itself since it holds no database: CheckKey, Authorize, and FrontHello (its listeners
 and keys, gateway/manager/front.py).
@@ -56,6 +57,7 @@ from gateway.core.protocol import (
 from gateway.ipc import ANCILLARY_SPACE, close_all, received_fds
 from gateway.manager import metrics
 from gateway.manager.applog import AppLog
+from gateway.manager.cluster import Cluster
 from gateway.manager.connection import FrontConnection
 from gateway.manager.entry import DynoEntry
 from gateway.manager.front import FrontKit
@@ -87,6 +89,7 @@ class Manager:
         self.applog = AppLog(store, config.logs)
         self.audit = AuditLog(config.audit_path)
         self.dynos = Supervisor(config, store, sandbox, self.applog, self.audit)
+        self.cluster = Cluster(config, store, self.dynos, self.applog, self.audit)
         # Set while a front that has its kit says it accepts connections.
         self.front_ready = trio.Event()
         self._front_attached = False
@@ -271,10 +274,14 @@ class Manager:
     async def stop(self, conn: FrontConnection, request: Stop) -> None:
         """run:stop: the dyno's own task stops it (SIGTERM, grace, SIGKILL); the answer
         comes at once, as `heroku ps:stop` answers."""
-        if not self.dynos.stop(request.app, request.dyno):
+        if self.dynos.stop(request.app, request.dyno):
+            log.info("stop requested app=%s dyno=%s", request.app, request.dyno)
+            self.audit.event("dyno_stop", app=request.app, dyno=request.dyno)
+        elif node := self.cluster.stop_elsewhere(request.app, request.dyno):
+            log.info("stop sent app=%s dyno=%s node=%s", request.app, request.dyno, node)
+            self.audit.event("dyno_stop", app=request.app, dyno=request.dyno, node=node)
+        else:
             raise RefusedRequest(f"no running dyno {request.dyno} on {request.app}; see run:list")
-        log.info("stop requested app=%s dyno=%s", request.app, request.dyno)
-        self.audit.event("dyno_stop", app=request.app, dyno=request.dyno)
         await conn.send(Stopping(request.dyno))
 
     async def list_dynos(self, conn: FrontConnection, request: ListDynos) -> None:
@@ -303,7 +310,8 @@ class Manager:
         if self.store.get_app(request.app) is None:
             raise RefusedRequest(f"no such app: {request.app}")
         history = self.store.read_log(request.app, request.dyno, request.lines)
-        with self.applog.follow(request.app, request.dyno) as feed:
+        seen = frozenset(line.id for line in history if line.id is not None)
+        with self.applog.follow(request.app, request.dyno, seen) as feed:
             for batch in batches([line.format() for line in history]):
                 await conn.send(LogLines(batch))
             if not request.tail:

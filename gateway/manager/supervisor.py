@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import time
+from dataclasses import replace
 
 import trio
 
 from gateway.audit import AuditLog
 from gateway.config import Config
 from gateway.core import applog, sizes
-from gateway.core.dyno import Exit
+from gateway.core.dyno import Exit, State
 from gateway.core.procfile import resolve_command
 from gateway.core.protocol import (
     Attach,
@@ -33,6 +35,7 @@ from gateway.manager.connection import FrontConnection
 from gateway.manager.dyno import RunningDyno
 from gateway.manager.lifecycle import DynoLife
 from gateway.manager.orphans import start_time
+from gateway.manager.releases import ReleaseCache, ReleaseUnavailable
 from gateway.manager.sandbox import DynoSpec, Launched, Sandbox, SandboxError
 from gateway.manager.sftp import (
     SHOWN,
@@ -65,6 +68,8 @@ class Supervisor:
         self.sandbox = sandbox
         self.applog = log
         self.audit = audit
+        # Releases unpacked on this node; fetched from the store on first use.
+        self.releases = ReleaseCache(config)
         # The dynos supervised here, by (app, name): None while one is being prepared.
         self.running: dict[tuple[str, str], RunningDyno | None] = {}
         self._none_running = trio.Event()
@@ -166,6 +171,12 @@ class Supervisor:
         except StoreError as exc:
             life.crash()
             raise Refused(str(exc)) from None
+        try:
+            release_dir = await self.releases.ensure(record.app, record.release_version)
+        except ReleaseUnavailable as exc:
+            log.error("dyno failed to start error=%s", exc)
+            life.crash()
+            raise Refused(f"{record.name} failed to start: {exc}") from None
         command: str | None = record.command if request.command else None
         if request.subsystem is not None:
             command = subsystem_command(self.config, request.subsystem)
@@ -175,7 +186,7 @@ class Supervisor:
             command=command,
             config_vars=self.store.get_config(record.app) | request.env,
             pty=request.pty if request.attach else None,
-            release_dir=self.config.releases_dir / record.app / f"v{record.release_version}",
+            release_dir=release_dir,
             size=record.size,
             uid=uid,
         )
@@ -197,7 +208,9 @@ class Supervisor:
             raise
         stdio.close_child()
         try:
-            await self._supervise(conn, request, spec, launched, stdio, life, log, request_time)
+            await self._supervise(
+                conn, request, record, spec, launched, stdio, life, log, request_time
+            )
         finally:
             with trio.CancelScope(shield=True):
                 await self.sandbox.remove(launched)
@@ -206,6 +219,7 @@ class Supervisor:
         self,
         conn: FrontConnection,
         request: Run,
+        record: DynoRecord,
         spec: DynoSpec,
         launched: Launched,
         stdio: Stdio,
@@ -223,16 +237,14 @@ class Supervisor:
         running.inc()
         self.audit.event("dyno_start", app=spec.app, dyno=spec.name, size=spec.size,
                          command=spec.command, attached=attach, pid=process.pid)  # fmt: skip
-        self.store.set_dyno_process(spec.app, spec.name, process.pid, start_time(process.pid) or 0)
         self.running[(spec.app, spec.name)] = dyno
         result = "exited"
         try:
             # Up before the client hears of it, so what it asks next already says so.
-            life.up()
-            record = self.store.get_dyno(spec.app, spec.name)
-            assert record is not None
+            life.up(process.pid, start_time(process.pid) or 0)
+            info = replace(record, state=str(State.UP), updated_at=time.time()).info()
             try:
-                await conn.send(Started(record.info()), stdio.front)
+                await conn.send(Started(info), stdio.front)
             finally:
                 stdio.close_front()
             log.info("dyno up pid=%d", process.pid)

@@ -39,15 +39,15 @@ __all__ = [
 def open_store(config: Config, *, migrate: bool = True, node: str | None = None) -> Store:
     """The store `config` names (`database_url`, else SQLite in state_dir), its schema
     brought up to date unless `migrate` is False. `node` names this host in the dyno
-    records (default: the host name)."""
+    records (default: [cluster] node, else the host name)."""
     store: Store
     if config.database_url:
         # psycopg is loaded only by gateways that use it.
         from gateway.store.postgres import PostgresStore
 
-        store = PostgresStore(config.database_url, node)
+        store = PostgresStore(config.database_url, node or config.cluster.node_name)
     else:
-        store = SQLiteStore(config.db_path, config.slugs_dir, node)
+        store = SQLiteStore(config.db_path, config.slugs_dir, node or config.cluster.node_name)
     if migrate:
         try:
             store.migrate()

@@ -21,11 +21,13 @@ from pathlib import Path
 
 from gateway.core.dyno import ENDED, State
 from gateway.store.applog_queries import AppLogQueries
+from gateway.store.nodes import NodeQueries
 from gateway.store.records import (
     App,
     AppKey,
     DynoLimitReached,
     DynoRecord,
+    Listener,
     Release,
     StoreError,
     Usage,
@@ -35,7 +37,7 @@ from gateway.store.slug_digest import check_slug
 from gateway.store.sql import Row, SlugKeeper, Transaction
 
 
-class Store(AppLogQueries, ABC):
+class Store(NodeQueries, AppLogQueries, ABC):
     """The gateway's state. Subclasses: SQLiteStore, PostgresStore (open_store picks)."""
 
     backend: str  # "sqlite" or "postgresql"
@@ -469,6 +471,16 @@ class Store(AppLogQueries, ABC):
         """The apps `token` may use, or None for an unknown token."""
         row = self._one("SELECT apps FROM api_tokens WHERE token_sha256 = ?", (_sha256(token),))
         return json.loads(row["apps"]) if row else None
+
+    # -- signals between nodes ---------------------------------------------------------
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Tell the nodes listening on `channel` (PostgreSQL NOTIFY); one host alone
+        (SQLite) has no one to tell."""
+
+    def listener(self, channels: Sequence[str]) -> Listener | None:
+        """A new connection listening on `channels`, or None where nodes share nothing."""
+        return None
 
 
 _APP = "id, name, size, created_at, max_size"

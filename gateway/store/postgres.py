@@ -10,6 +10,7 @@ nodes. Slugs live in the database, in chunk rows (see the schema's v5).
 from __future__ import annotations
 
 import hashlib
+import json
 import select
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import conninfo
+from psycopg import conninfo, pq, sql
 from psycopg.rows import dict_row
 
 from gateway.store.base import Store
-from gateway.store.records import App, Release, StoreError, StoreUnavailable
+from gateway.store.nodes import LOG_CHANNEL
+from gateway.store.records import App, Listener, Notice, Release, StoreError, StoreUnavailable
 from gateway.store.schema import POSTGRESQL
 from gateway.store.slug_digest import SLUG_CHUNK, slug_mismatch
 from gateway.store.sql import Cursor, Row, SlugKeeper, Transaction
@@ -47,6 +49,8 @@ class PostgresStore(Store):
 
     backend = POSTGRESQL
     shared = True
+    _now_sql = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
+    _lock_skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, node: str | None = None) -> None:
         super().__init__(node)
@@ -91,9 +95,18 @@ class PostgresStore(Store):
         """The connection, with a failure to reach the server turned into StoreUnavailable
         (and the connection dropped, so that the next call connects again)."""
         try:
-            yield self._connection()
-        except psycopg.OperationalError as exc:
+            with self._unavailable():
+                yield self._connection()
+        except StoreUnavailable:
             self._drop()
+            raise
+
+    @contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        """A failure to reach the server, as StoreUnavailable saying why."""
+        try:
+            yield
+        except psycopg.OperationalError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StoreUnavailable(
                 f"the state database is unavailable ({self.describe()}): {reason}"
@@ -138,6 +151,17 @@ class PostgresStore(Store):
         # SHARE) do not wait for it, nor it for them.
         tx.execute("SELECT id FROM apps WHERE id = ? FOR NO KEY UPDATE", (app_id,))
 
+    def _log_appended(self, tx: Transaction, app: str, first: int, last: int) -> None:
+        # Delivered when the transaction commits, to every node (their tails read it).
+        payload = json.dumps({"node": self.node, "app": app, "first": first, "last": last})
+        tx.execute("SELECT pg_notify(?, ?)", (LOG_CHANNEL, payload))
+
+    def notify(self, channel: str, payload: str) -> None:
+        self._query("SELECT pg_notify(?, ?) AS sent", (channel, payload))
+
+    def listener(self, channels: Sequence[str]) -> Listener:
+        return _Listener(self, channels)
+
     def _duplicate(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.errors.UniqueViolation)
 
@@ -162,6 +186,42 @@ class PostgresStore(Store):
                 )
                 for row in cursor:
                     yield row["data"]
+
+
+class _Listener:
+    """A connection of its own that LISTENs: the store's may be replaced at any call
+    (see _connection), which would end a LISTEN. Its notices are read without waiting
+    (libpq's PQconsumeInput and PQnotifies), so the caller waits for its descriptor in
+    its own event loop."""
+
+    def __init__(self, store: PostgresStore, channels: Sequence[str]) -> None:
+        self._store = store
+        with store._unavailable():
+            self._conn = psycopg.connect(autocommit=True, **store._params)
+            try:
+                for channel in channels:
+                    self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            except BaseException:
+                self._conn.close()
+                raise
+
+    def fileno(self) -> int:
+        return self._conn.pgconn.socket
+
+    def receive(self) -> list[Notice]:
+        pgconn = self._conn.pgconn
+        with self._store._unavailable():
+            pgconn.consume_input()
+            if pgconn.status != pq.ConnStatus.OK:
+                raise psycopg.OperationalError("the server closed the connection")
+        notices = []
+        while (notice := pgconn.notifies()) is not None:
+            notices.append(Notice(notice.relname.decode(), notice.extra.decode()))
+        return notices
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self._conn.close()
 
 
 class _PGTransaction:

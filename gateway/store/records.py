@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.core.protocol import DynoInfo
 
@@ -111,3 +111,38 @@ class Usage:
     size: str
     dynos: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A gateway node sharing the database, as its heartbeats tell."""
+
+    name: str
+    public_host: str
+    state: str  # up, stopped (shut down cleanly), dead (silent past dead_after)
+    started_at: float
+    heartbeat_at: float
+    capacity: int  # its max_per_host
+    dynos: int  # dynos recorded as running on it
+    silent_for: float  # seconds since its last heartbeat, by the database's clock
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A PostgreSQL notification: its channel and payload."""
+
+    channel: str
+    payload: str
+
+
+class Listener(Protocol):
+    """A connection of its own that LISTENs (PostgreSQL): readable when notices came."""
+
+    def fileno(self) -> int: ...
+
+    def receive(self) -> list[Notice]:
+        """The notices that arrived, without waiting; StoreUnavailable if the connection
+        broke (make a new listener)."""
+        ...
+
+    def close(self) -> None: ...

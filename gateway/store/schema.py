@@ -165,6 +165,21 @@ MIGRATIONS: list[Step] = [
     );
     ALTER TABLE apps ADD COLUMN max_size TEXT;
     """),
+    # v7: the nodes sharing this database (heartbeats, for `gateway nodes` and for closing
+    # a dead node's dynos), and the node each app log line came from (a tail on another
+    # node reads a notified range of one node's lines).
+    Step("""
+    CREATE TABLE nodes (
+        name {name} PRIMARY KEY,
+        public_host TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL,
+        started_at {real} NOT NULL,
+        heartbeat_at {real} NOT NULL,
+        capacity INTEGER NOT NULL DEFAULT 0
+    );
+    ALTER TABLE log_lines ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    """),
 ]
+
 
 LATEST = len(MIGRATIONS)

@@ -27,6 +27,7 @@ class SQLiteStore(Store):
 
     backend = SQLITE
     shared = False
+    _now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, path: Path, slugs_dir: Path | None = None, node: str | None = None) -> None:
         super().__init__(node)
