@@ -472,11 +472,16 @@ int main(int argc, char **argv) {
          * (CLONE_PARENT): this process says its pid and ends, and PID 1 is the dyno's
          * one helper. */
         join_cgroups();
+        int host_net = spec_veth() ? nl_open() : -1;  /* opened in the host's namespace */
         int flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP;
         if (spec_own_net())
             flags |= CLONE_NEWNET;
         if (unshare(flags) < 0)
             die("unshare");
+        if (spec_own_net())
+            spec_build_network(host_net);
+        if (host_net >= 0)
+            close(host_net);
         /* "pid" must come before "ready" on the status pipe: PID 1 says "ready" only
          * once this process has said the pid and ended (EOF on `said`). */
         int said[2];

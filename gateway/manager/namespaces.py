@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 # Tools the sandbox runs as root; looked up on a trusted path, never a dyno's.
 TRUSTED_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-TOOLS = ("ip", "nft", "nsenter")
+TOOLS = ("ip", "nft")
 READY_TIMEOUT = 10.0
 
 
@@ -281,6 +281,8 @@ class NamespaceSandbox:
             if self.cgroups is not None:
                 cgroup = self.cgroups.create(root.name, limits_for(size))
                 cgroup.arm_oom()
+            if self.network is not None:
+                link = self.network.allocate()
             spec = NamespaceSpec(
                 uid=recipe.uid,
                 gid=recipe.uid,
@@ -288,6 +290,7 @@ class NamespaceSandbox:
                 budget=self.config.dynos.tmp_max_bytes,
                 lower=recipe.release_dir,
                 own_network=self.config.dynos.network != "host",
+                veth=link,
                 cgroup_procs=tuple(str(p) for p in cgroup.procs_files) if cgroup else (),
                 stack=self.stack,
                 hidden=self.hidden,
@@ -297,8 +300,6 @@ class NamespaceSandbox:
             process = await self._spawn_init(spec, init)
             with trio.fail_after(READY_TIMEOUT):
                 await init.said("ready")
-            if self.network is not None:
-                link = await self.network.attach(process.pid)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._discard(Prepared(recipe, process, init, workspace, cgroup, link))
@@ -357,7 +358,7 @@ class NamespaceSandbox:
                 prepared.process.kill()
                 await prepared.process.wait()
         if prepared.link is not None and self.network is not None:
-            await self.network.detach(prepared.link)
+            self.network.release(prepared.link)  # the pair went with the init's namespace
         root = prepared.workspace.root
         if root.exists():
             await trio.to_thread.run_sync(_remove_root, root)
