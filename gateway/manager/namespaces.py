@@ -56,7 +56,7 @@ from gateway.manager.sandbox import (
 from gateway.manager.spawn import Child, spawn
 from gateway.manager.stack import StackEntry, hidden_paths, look_at_stack
 from gateway.manager.veth import Link, NetworkError, VethNetwork, upstream_resolv_conf
-from gateway.slugs import own_tree, remove_tree
+from gateway.slugs import own_tree, owned_by, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,8 @@ class NamespaceSandbox:
     async def _prepare(self, recipe: Recipe) -> Prepared:
         """A sandbox for `recipe`, its init waiting for the start message."""
         size = self.config.sizes[recipe.size]
-        await trio.to_thread.run_sync(own_tree, recipe.release_dir, recipe.uid, recipe.uid)
+        if not owned_by(recipe.release_dir, recipe.uid, recipe.uid):  # once per release
+            await trio.to_thread.run_sync(own_tree, recipe.release_dir, recipe.uid, recipe.uid)
         self.dynos_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         root = self.dynos_dir / f"{recipe.app}.{secrets.token_hex(8)}"
         root.mkdir(mode=0o700)
@@ -360,7 +361,11 @@ class NamespaceSandbox:
         if prepared.link is not None and self.network is not None:
             self.network.release(prepared.link)  # the pair went with the init's namespace
         root = prepared.workspace.root
-        if root.exists():
+        try:
+            root.rmdir()  # empty on the host: the dyno's mounts were in its namespace
+        except FileNotFoundError:
+            pass
+        except OSError:
             await trio.to_thread.run_sync(_remove_root, root)
 
     async def _trial(self) -> None:
