@@ -212,11 +212,6 @@ class NamespaceSandbox:
             raise SandboxError("the namespaces sandbox needs the app's uid")
         recipe = Recipe(spec.app, spec.uid, spec.release_dir, spec.size)
         prepared = self.pool.take(recipe)
-        if prepared is None:
-            try:
-                prepared = await self._prepare(recipe)
-            except (InitError, NetworkError, OSError, trio.TooSlowError) as exc:
-                raise SandboxError(f"the sandbox could not be made: {exc}") from None
         self.pool.want(recipe)
         own_net = self.config.dynos.network != "host" and (
             self.network is not None or self.config.dynos.network == "none"
@@ -230,12 +225,25 @@ class NamespaceSandbox:
         )
         shell = self._shell_path()
         argv = [shell] if spec.command is None else [shell, "-c", spec.command]
-        try:
-            prepared.init.start(spec.name, spec.pty is not None, argv, env, stdio)
-        except OSError as exc:
-            with trio.CancelScope(shield=True):
-                await self._discard(prepared)
-            raise SandboxError(f"the prepared sandbox is gone: {exc}") from None
+        while True:
+            pooled = prepared is not None
+            if prepared is None:
+                try:
+                    prepared = await self._prepare(recipe)
+                except (InitError, NetworkError, OSError, trio.TooSlowError) as exc:
+                    raise SandboxError(f"the sandbox could not be made: {exc}") from None
+            try:
+                prepared.init.start(spec.name, spec.pty is not None, argv, env, stdio)
+                break
+            except OSError as exc:
+                with trio.CancelScope(shield=True):
+                    await self._discard(prepared)
+                if not pooled:
+                    raise SandboxError(f"the sandbox is gone: {exc}") from None
+                # Its init died while it waited (killed from outside): make one now.
+                log.warning("a prepared sandbox was gone, making another app=%s error=%s",
+                            spec.app, exc)  # fmt: skip
+                prepared = None
         self._running[prepared.workspace.root] = prepared
         if prepared.cgroup is not None and self._nursery is not None:
             self._nursery.start_soon(_end_on_oom, prepared.cgroup, spec.name)
