@@ -27,7 +27,10 @@ from gateway.ipc import ancillary
 SOURCES = tuple(
     Path(__file__).with_name(name)
     for name in (
-        "dyno_init.h", "dyno_init.c", "dyno_init_sandbox.c", "dyno_init_sessions.c",
+        "dyno_init.h",
+        "dyno_init.c",
+        "dyno_init_sandbox.c",
+        "dyno_init_sessions.c",
         "dyno_init_network.c",
     )
 )
