@@ -1,7 +1,7 @@
 """The changes the front carries to asyncssh 2.24 for throughput (docs/benchmarks.md):
 packet crypto keyed once per direction (gateway/front/crypto.py), no ignore packet
-before every packet (gateway/front/connection.py), and the channel's fewer copies
-(gateway/front/channel.py).
+before every packet and input fed a packet's worth at a time
+(gateway/front/connection.py), and the channel's fewer copies (gateway/front/channel.py).
 
 Each is checked to compute what asyncssh computes, end to end with the OpenSSH client
 for every cipher and MAC the gateway offers; and each has a test that fails once
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import subprocess
 
@@ -183,4 +184,16 @@ def test_stock_asyncssh_sends_an_ignore_packet_before_every_packet(
         pytest.fail(
             f"asyncssh {asyncssh.__version__} no longer sends an ignore packet before "
             f"every packet ({theirs} for 1 MB); gateway/front/connection.py may go"
+        )
+
+
+def test_stock_asyncssh_reslices_its_input_for_every_packet() -> None:
+    """gateway/front/connection.py feeds asyncssh a packet's worth at a time because it
+    keeps its input in one bytes object and copies the rest of it twice per packet."""
+    header = inspect.getsource(asyncssh_connection.SSHConnection._recv_pkthdr)
+    packet = inspect.getsource(asyncssh_connection.SSHConnection._recv_packet)
+    if "self._inpbuf = self._inpbuf[" not in header + packet:
+        pytest.fail(
+            f"asyncssh {asyncssh.__version__} no longer re-slices its input per packet; "
+            "the feeding in gateway/front/connection.py may go"
         )
