@@ -62,6 +62,13 @@ class KeyedOnceGCMEncryption(asyncssh_encryption.GCMEncryption):
     ) -> KeyedOnceGCMEncryption:  # fmt: skip
         return cls(KeyedOnceGCMCipher(cipher_name, key, iv))
 
+    def seal(self, header: bytes, body: bytes) -> bytes:
+        """The body encrypted, then its tag: what follows the header on the wire."""
+        cipher: KeyedOnceGCMCipher = self._cipher  # type: ignore[assignment]
+        sealed: bytes = cipher._aead.encrypt(cipher._iv, body, header)
+        cipher._update_iv()
+        return sealed
+
     def decrypt_packet(
         self, seq: int, first: bytes, rest: bytes, header_len: int, mac: bytes
     ) -> bytes | None:
