@@ -90,17 +90,10 @@ def parts(server: Server) -> dict[str, list[int]]:
     """The server's processes by role: "server", "helpers", "own" (the dynos')."""
     assert server.process is not None
     top = server.process.pid
-    children: dict[int, list[int]] = {}
-    for child, parent in proc.parents().items():
-        children.setdefault(parent, []).append(child)
+    children = proc.children()
 
     def below(pid: int) -> list[int]:
-        found, todo = [], [pid]
-        while todo:
-            for child in children.get(todo.pop(), []):
-                found.append(child)
-                todo.append(child)
-        return found
+        return proc.descendants(pid, children)
 
     roles: dict[str, list[int]] = {"server": [top], "helpers": [], "prepared": [], "own": []}
     if isinstance(server, Gateway):
