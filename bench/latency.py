@@ -1,5 +1,6 @@
-"""Session latency (a fresh `ssh host true`; exec channels on one connection) and keystroke
-echo latency through a PTY."""
+"""Session latency (a fresh `ssh host true`; `true` as a new session on an open connection,
+both over asyncssh exec channels and OpenSSH's ControlMaster) and keystroke echo latency
+through a PTY."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ SECTION = "session latency"
 KEYS = "keystroke echo"
 # Raw mode: each byte goes to `cat` and straight back, as in an editor or a REPL.
 ECHO_COMMAND = "stty raw -echo; echo READY; exec cat"
+# Issue 15's goals, as ratios gateway/sshd.
+FRESH_GOAL = "<= 0.15"
+OPEN_GOAL = "<= 2"
 
 
-def ssh_true(server: Server) -> float:
-    """Seconds for the OpenSSH client to connect, run `true` and exit."""
+def ssh_true(server: Server, options: tuple[str, ...] = ()) -> float:
+    """Seconds for the OpenSSH client to connect (or use its control master), run `true`
+    and exit."""
     started = time.perf_counter()
-    result = subprocess.run(server.ssh_argv("true"), capture_output=True, timeout=60)
+    result = subprocess.run(server.ssh_argv("true", options=options), capture_output=True,
+                            timeout=60)  # fmt: skip
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"{server.name}: ssh true failed: {result.stderr.decode()}")
@@ -40,43 +46,78 @@ def fresh_connections(servers: list[Server], count: int) -> dict[str, list[float
     return times
 
 
-async def _exec_channels(server: Server, count: int, progress: Progress) -> list[float]:
-    times = []
-    async with await server.connect() as conn:
-        await conn.run("true", check=True)
+def control_master(servers: list[Server], count: int) -> dict[str, list[float]]:
+    """`ssh -S SOCKET host true` through a ControlMaster connection per server: one new
+    session on an open connection each, the servers alternating."""
+    times: dict[str, list[float]] = {server.name: [] for server in servers}
+    progress = Progress("ssh host true through a ControlMaster", count * len(servers))
+    masters = [server.control_master() for server in servers]
+    options = [master.__enter__() for master in masters]
+    try:
+        for server, opts in zip(servers, options, strict=True):
+            ssh_true(server, opts)  # the first session on each, untimed
         for _ in range(count):
-            started = time.perf_counter()
-            await conn.run("true", check=True)
-            times.append(time.perf_counter() - started)
-            progress.step()
+            for server, opts in zip(servers, options, strict=True):
+                times[server.name].append(ssh_true(server, opts))
+                progress.step()
+    finally:
+        for master in masters:
+            master.__exit__(None, None, None)
     return times
 
 
 def exec_channels(servers: list[Server], count: int) -> dict[str, list[float]]:
-    """`true` on exec channels of one persistent asyncssh connection, per server."""
+    """`true` on exec channels of one persistent asyncssh connection per server, in
+    rounds of 10 per server so that the servers share the machine's noise."""
     progress = Progress("exec true on one connection", count * len(servers))
-    return {s.name: asyncio.run(_exec_channels(s, count, progress)) for s in servers}
+    times: dict[str, list[float]] = {server.name: [] for server in servers}
+
+    async def run() -> None:
+        conns = [await server.connect() for server in servers]
+        try:
+            for conn in conns:
+                await conn.run("true", check=True)  # untimed
+            for _ in range(0, count, 10):
+                for server, conn in zip(servers, conns, strict=True):
+                    for _ in range(10):
+                        started = time.perf_counter()
+                        await conn.run("true", check=True)
+                        times[server.name].append(time.perf_counter() - started)
+                        progress.step()
+        finally:
+            for conn in conns:
+                conn.close()
+
+    asyncio.run(run())
+    return times
 
 
 def session_rows(servers: list[Server], fresh: int, execs: int) -> list[Row]:
-    first = fresh_connections(servers, fresh)
-    second = exec_channels(servers, execs)
+    """Rows for the default sandbox (`gateway`, with issue 15's goals), then the same for
+    every other gateway in `servers` (the process sandbox), for comparison."""
+    measured = (
+        ("`ssh host true`, fresh connection", fresh_connections(servers, fresh), fresh,
+         FRESH_GOAL),
+        ("exec `true` on an open connection (asyncssh)", exec_channels(servers, execs), execs,
+         OPEN_GOAL),
+        ("`ssh host true` through a ControlMaster", control_master(servers, execs // 2),
+         execs // 2, OPEN_GOAL),
+    )  # fmt: skip
     rows = []
-    for label, times, count in (
-        ("`ssh host true`, fresh connection", first, fresh),
-        ("exec `true`, one persistent connection", second, execs),
-    ):
-        rows.append(
-            Row(
-                SECTION,
-                label,
-                "ms",
-                median(times["sshd"]) * 1000,
-                median(times["gateway"]) * 1000,
-                goal="<= 0.5",
-                detail={"count": count, "samples_ms": _ms(times)},
+    for gateway in [s.name for s in servers if s.name.startswith("gateway")]:
+        suffix = "" if gateway == "gateway" else f", {gateway.removeprefix('gateway-')} sandbox"
+        for label, times, count, goal in measured:
+            rows.append(
+                Row(
+                    SECTION,
+                    label + suffix,
+                    "ms",
+                    median(times["sshd"]) * 1000,
+                    median(times[gateway]) * 1000,
+                    goal=goal if gateway == "gateway" else "",
+                    detail={"count": count, "samples_ms": _ms(times, ("sshd", gateway))},
+                )
             )
-        )
     return rows
 
 
@@ -121,5 +162,7 @@ def keystroke_rows(servers: list[Server], count: int, gap: float = 0.005) -> lis
     ]
 
 
-def _ms(times: dict[str, list[float]]) -> dict[str, list[float]]:
-    return {name: [round(t * 1000, 3) for t in values] for name, values in times.items()}
+def _ms(
+    times: dict[str, list[float]], names: tuple[str, ...] | None = None
+) -> dict[str, list[float]]:
+    return {name: [round(t * 1000, 3) for t in times[name]] for name in names or tuple(times)}

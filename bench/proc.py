@@ -65,14 +65,21 @@ def parents() -> dict[int, int]:
     return result
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (not `pid` itself)."""
-    children: dict[int, list[int]] = {}
+def children() -> dict[int, list[int]]:
+    """pid -> its children's pids, for every process on the machine."""
+    found: dict[int, list[int]] = {}
     for child, parent in parents().items():
-        children.setdefault(parent, []).append(child)
+        found.setdefault(parent, []).append(child)
+    return found
+
+
+def descendants(pid: int, tree: dict[int, list[int]] | None = None) -> list[int]:
+    """Every process below `pid` (not `pid` itself), from `tree` (a snapshot of
+    `children()`) or a new one."""
+    tree = children() if tree is None else tree
     found, todo = [], [pid]
     while todo:
-        for child in children.get(todo.pop(), []):
+        for child in tree.get(todo.pop(), []):
             found.append(child)
             todo.append(child)
     return found

@@ -146,7 +146,7 @@ def plot(section: str, rows: list[Row], path: Path) -> None:
             for name in ("sshd", "gateway"):
                 values = [getattr(row, name) for row in group]
                 ax.plot(xs, values, "o-", color=COLORS[name], label=name)
-            ax.set_xlabel("release MB" if section == "dyno start" else "sessions held", fontsize=8)
+            ax.set_xlabel("release MB" if section == "new release" else "dynos running", fontsize=8)
         else:
             # "down, aes128-gcm" -> "down\naes128-gcm"; "(...)" details stay in the table.
             labels = [

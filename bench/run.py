@@ -4,8 +4,10 @@
                                              # and plots in docs/benchmarks/
     .venv/bin/python bench/run.py --quick    # a smoke run (under a minute), bench/results/
 
-Starts sshd (a throwaway config on a loopback port) and `gateway serve` (the sample app),
-measures both, and prints the medians and the ratio gateway/sshd for each row.
+Starts sshd (a throwaway config on a loopback port) and `gateway serve` (the sample app)
+with the sandbox it uses by default (as root: namespaces), plus one with the process
+sandbox for its own rows; measures them side by side, and prints the medians, the ratio
+gateway/sshd and the goal (issue 15) for each row.
 """
 
 from __future__ import annotations
@@ -23,25 +25,27 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` and `gateway` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import concurrency, dynostart, flood, latency, proc, report, throughput
+from bench import dynos, flood, latency, outbound, proc, release, report, throughput
 from bench.rows import Row
 from bench.servers import REPO, Gateway, Server, Sshd, client_key
 from bench.util import MB, say
 
-SECTIONS = ("latency", "keystrokes", "throughput", "start", "flood", "concurrency")
+SECTIONS = ("latency", "keystrokes", "throughput", "release", "flood", "dynos", "outbound")
 
 
 @dataclass(frozen=True)
 class Settings:
     fresh: int = 50  # `ssh host true` runs
-    execs: int = 200  # exec channels on one connection
+    execs: int = 200  # exec channels on one connection (half as many through ControlMaster)
     keystrokes: int = 500
     transfer_mb: int = 1024
     transfer_reps: int = 3
-    levels: list[int] = field(default_factory=lambda: [100, 500, 1000])
-    new_sessions: int = 30  # fresh sessions timed at each level
-    start_sizes_mb: list[int] = field(default_factory=lambda: [1, 100, 500])
-    start_reps: int = 10
+    levels: list[int] = field(default_factory=lambda: [100, 1000])  # dynos running
+    new_sessions: int = 40  # fresh sessions timed at each level
+    release_sizes_mb: list[int] = field(default_factory=lambda: [1, 100, 500])
+    release_reps: int = 3  # new releases per size
+    outbound_mb: int = 1024
+    outbound_reps: int = 3
 
 
 QUICK = Settings(
@@ -52,8 +56,10 @@ QUICK = Settings(
     transfer_reps=1,
     levels=[10],
     new_sessions=4,
-    start_sizes_mb=[1, 4],
-    start_reps=2,
+    release_sizes_mb=[1, 4],
+    release_reps=1,
+    outbound_mb=16,
+    outbound_reps=1,
 )
 
 
@@ -84,31 +90,45 @@ def settings_for(args: argparse.Namespace) -> Settings:
 
 
 def measure(
-    sections: tuple[str, ...], settings: Settings, sshd: Sshd, gateway: Gateway, work: Path
+    sections: tuple[str, ...],
+    settings: Settings,
+    sshd: Sshd,
+    gateway: Gateway,
+    process: Gateway,
+    work: Path,
+    meta: dict[str, object],
 ) -> list[Row]:
     servers: list[Server] = [sshd, gateway]
     rows: list[Row] = []
-    if "latency" in sections:
-        say("session latency")
-        rows += latency.session_rows(servers, settings.fresh, settings.execs)
-    if "keystrokes" in sections:
-        say("keystroke echo")
+    loads = meta.setdefault("load average per section", {})
+    assert isinstance(loads, dict)
+
+    def section(name: str, title: str) -> bool:
+        if name in sections:
+            say(title)
+            loads[name] = round(os.getloadavg()[0], 2)
+        return name in sections
+
+    if section("latency", "session latency"):
+        rows += latency.session_rows([sshd, gateway, process], settings.fresh, settings.execs)
+    if section("keystrokes", "keystroke echo"):
         rows += latency.keystroke_rows(servers, settings.keystrokes)
-    if "throughput" in sections:
-        say("throughput")
+    if section("throughput", "throughput"):
         rows += throughput.rows(servers, settings.transfer_mb * MB, settings.transfer_reps)
-    if "start" in sections:
-        say("dyno start against release size")
-        rows += dynostart.rows(sshd, gateway, settings.start_sizes_mb, settings.start_reps, work)
-    if "flood" in sections:
-        say("session start under a log flood")
+    if section("release", "the first dyno of a new release, against its size"):
+        rows += release.rows(
+            sshd, [gateway, process], settings.release_sizes_mb, settings.release_reps, work
+        )
+    if section("flood", "session start under a log flood"):
         rows += flood.rows(gateway, settings.fresh)
-    if "concurrency" in sections:
-        say("concurrency (both servers restarted, for a clean baseline)")
+    if section("outbound", "outbound throughput to a test host"):
+        rows += outbound.rows(servers, settings.outbound_mb * MB, settings.outbound_reps)
+    if section("dynos", "dynos running at once (both servers restarted, for a clean baseline)"):
+        process.stop()  # its dynos are not measured here: no CPU for it
         for server in servers:
             server.stop()
             server.start()
-        rows += concurrency.rows(servers, settings.levels, settings.new_sessions)
+        rows += dynos.rows(sshd, gateway, settings.levels, settings.new_sessions)
     return rows
 
 
@@ -141,6 +161,12 @@ def replot(out: Path) -> None:
     print(report.text_table(rows))
 
 
+def _sandbox_line(gateway: Gateway) -> str:
+    """What `gateway serve` said of its sandbox, so a run shows what it measured."""
+    line = next((line for line in gateway.log if "sandbox in force" in line), "?")
+    return line.split("sandbox in force: ", 1)[-1]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot:
@@ -154,11 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     key = client_key(work)
     sshd = Sshd(work / "sshd", key)
     gateway = Gateway(work / "gateway", key, tree=args.gateway_tree)
+    process = Gateway(work / "gateway-process", key, tree=args.gateway_tree, sandbox="process")
     started = time.monotonic()
     try:
-        say(f"starting sshd and the gateway (work dir {work})")
-        sshd.start()
-        gateway.start()
+        say(f"starting sshd and the gateways (work dir {work})")
+        for server in (sshd, gateway, process):
+            server.start()
         meta: dict[str, object] = {
             "mode": "quick" if args.quick else "full",
             "gateway": report.tree(args.gateway_tree or REPO),
@@ -166,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
             "load average at start": os.getloadavg()[0],
             "sshd negotiated": report.negotiated(sshd.ssh_argv("true")),
             "gateway negotiated": report.negotiated(gateway.ssh_argv("true")),
+            "gateway sandbox": _sandbox_line(gateway),
             "settings": asdict(settings),
         }
-        rows = measure(sections, settings, sshd, gateway, work)
+        rows = measure(sections, settings, sshd, gateway, process, work, meta)
     finally:
-        for server in (sshd, gateway):
+        for server in (sshd, gateway, process):
             server.stop()
-        (work / "gateway.log").write_text("\n".join(gateway.log) + "\n")
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     meta["load average at end"] = os.getloadavg()[0]

@@ -14,8 +14,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -78,16 +78,44 @@ class Server:
         self.user = user
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
-        self.log: list[str] = []
 
     def ssh_argv(
-        self, command: str, cipher: str | None = None, user: str | None = None
+        self,
+        command: str,
+        cipher: str | None = None,
+        user: str | None = None,
+        options: tuple[str, ...] = (),
     ) -> list[str]:
         """The OpenSSH client running `command`, with the same options for both servers."""
-        argv = ["ssh", *SSH_OPTIONS, "-i", str(self.key), "-p", str(self.port)]
+        argv = ["ssh", *SSH_OPTIONS, "-i", str(self.key), "-p", str(self.port), *options]
         if cipher:
             argv += ["-c", cipher]
         return [*argv, f"{user or self.user}@127.0.0.1", command]
+
+    @contextlib.contextmanager
+    def control_master(self) -> Iterator[tuple[str, ...]]:
+        """An OpenSSH ControlMaster connection to this server; yields the client options
+        that run a command as a new session on it (what CI runners and Ansible do)."""
+        options = ("-S", str(self.root / "control.sock"))
+        master = subprocess.Popen(
+            self.ssh_argv("", options=(*options, "-M", "-N")),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            check = self.ssh_argv("", options=(*options, "-O", "check"))
+            while subprocess.run(check, capture_output=True).returncode != 0:
+                if master.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name}: no control master: {master.stderr}")
+                time.sleep(0.05)
+            yield options
+        finally:
+            subprocess.run(self.ssh_argv("", options=(*options, "-O", "exit")), capture_output=True)
+            try:
+                master.wait(10)
+            except subprocess.TimeoutExpired:
+                master.kill()
+                master.wait()
 
     async def connect(
         self, user: str | None = None, **options: Any
@@ -102,6 +130,7 @@ class Server:
             agent_path=None,
             config=None,
             kex_algs=[KEX],
+            server_host_key_algs=["ssh-ed25519"],
             **options,
         )
 
@@ -115,34 +144,44 @@ class Server:
     def _spawn(
         self, argv: list[str], ready: str, env: dict[str, str] | None = None, timeout: float = 60
     ) -> None:
-        """Start `argv` with a raised fd limit; wait for `ready` on its stderr."""
-        seen = threading.Event()
-        self.process = subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_raise_limits,
-            cwd=self.root,
-        )
-        stream = self.process.stderr
-
-        def read() -> None:
-            assert stream is not None
-            for raw in stream:
-                line = raw.decode(errors="replace").rstrip()
-                self.log.append(line)
-                if ready in line:
-                    seen.set()
-
-        threading.Thread(target=read, daemon=True).start()
+        """Start `argv` with a raised fd limit, its stderr to `log_path`; wait until `ready`
+        shows there. A file rather than a pipe: a reader thread here would compete for
+        the GIL with the clients being timed."""
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                preexec_fn=_raise_limits,
+                cwd=self.root,
+            )
         deadline = time.monotonic() + timeout
-        while not seen.wait(0.05):
+        while ready not in self._log_text(start):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 tail = "\n".join(self.log[-20:])
                 self.stop()
                 raise RuntimeError(f"{self.name} did not start:\n{tail}")
+            time.sleep(0.05)
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / f"{self.name}.log"
+
+    @property
+    def log(self) -> list[str]:
+        """The server's log so far, a line each."""
+        return self._log_text().splitlines()
+
+    def _log_text(self, start: int = 0) -> str:
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(start)
+                return log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def stop(self) -> None:
         if self.process is None:
@@ -221,14 +260,19 @@ class Sshd(Server):
 
 
 class Gateway(Server):
-    """`gateway serve` with the process sandbox and the sample app released as `bench`."""
+    """`gateway serve` with the sample app released as `bench`: the default sandbox as
+    root (namespaces), or the process sandbox (`sandbox="process"`, named
+    "gateway-process")."""
 
-    name = "gateway"
     # One log line: "2024-01-01 12:00:00,123 gateway.manager INFO dyno up app=A dyno=run.1 ..."
     _LINE = re.compile(r"^(\S+ \S+) \S+ \S+ dyno (starting|up) app=(\S+) dyno=(\S+)")
 
-    def __init__(self, root: Path, key: Path, tree: Path | None = None) -> None:
+    def __init__(
+        self, root: Path, key: Path, tree: Path | None = None, sandbox: str = "namespaces"
+    ) -> None:
+        self.name = "gateway" if sandbox == "namespaces" else f"gateway-{sandbox}"
         super().__init__(root, key, APP)
+        self.sandbox = sandbox
         self.config_path = root / "gateway.toml"
         # Another checkout's `gateway` package to run instead (before/after comparisons).
         self.env = dict(os.environ, PYTHONPATH=str(tree)) if tree else None
@@ -238,7 +282,7 @@ class Gateway(Server):
         return {
             "": {"state_dir": "state", "keys_dir": "keys"},
             # As the throwaway sshd (MaxStartups 2000, no per-source limits): room for the
-            # concurrency row's connections, all from one address.
+            # dynos section's connections, all from one address.
             "ssh": {
                 "listen": f"127.0.0.1:{self.port}",
                 "max_startups": "2000:30:2000",
@@ -251,8 +295,8 @@ class Gateway(Server):
             "rendezvous": {"listen": ""},
             "api": {"listen": ""},
             "metrics": {"listen": ""},
-            # Room for the concurrency row's 1000 sessions on one app.
-            "dynos": {"sandbox": "process", "max_per_app": 100000, "max_per_host": 100000},
+            # Room for the dynos section's 1000 on one app and one host (defaults: 50, 200).
+            "dynos": {"sandbox": self.sandbox, "max_per_app": 100000, "max_per_host": 100000},
         }
 
     def setup(self) -> None:
@@ -325,7 +369,7 @@ class Gateway(Server):
 
     def sandbox_times(self, app: str) -> list[float]:
         """Seconds from `dyno starting` to `dyno up` in the manager's log, per dyno of
-        `app`: the release copy and the process start."""
+        `app`, in order: the sandbox's share of a start."""
         starts: dict[str, datetime] = {}
         times = []
         for line in list(self.log):

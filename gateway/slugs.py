@@ -431,14 +431,20 @@ def import_release(
     return release, unpacked
 
 
+def owned_by(root: Path, uid: int, gid: int) -> bool:
+    """Whether `own_tree` has made this release the app's (its root goes last)."""
+    info = root.lstat()
+    return info.st_uid == uid and info.st_gid == gid
+
+
 def own_tree(root: Path, uid: int, gid: int) -> None:
     """Make a release tree the app's: owned by its uid and gid, writable by it (overlayfs
     copies files up with their owner and mode, so /app is then the dyno's to change,
     while the release itself stays out of its sight). The root dir goes last, so its
     owner says the whole tree is done (a crash half-way is finished next time)."""
-    info = root.lstat()
-    if info.st_uid == uid and info.st_gid == gid:
+    if owned_by(root, uid, gid):
         return
+    info = root.lstat()
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames]:
             path = os.path.join(dirpath, name)

@@ -7,6 +7,7 @@ The pure pieces (argv, cgroup file parsing) are tested first, without processes.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import ipaddress
 import os
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +34,7 @@ from gateway.manager.namespace_spec import NamespaceSpec, encode_words, spec_wor
 from gateway.manager.sandbox import DynoSpec
 from gateway.manager.stack import StackEntry
 from tests import test_exec, test_interactive
-from tests.conftest import Gateway, NetnsHost, _gateway, wait_until
+from tests.conftest import Gateway, NetnsHost, _gateway, make_slug, wait_until
 from tests.test_interactive import Terminal
 
 # A size small enough to exceed quickly: 64 MB, 64 processes, half a core.
@@ -218,6 +220,7 @@ def test_a_namespace_spec_says_everything_the_init_builds() -> None:
         stack=(StackEntry("/usr"), StackEntry("/bin", "usr/bin")),
         hidden=(("/etc/gateway", True), ("/etc/gateway.toml", False)),
         files=(("/etc/resolv.conf", "nameserver 192.0.2.1\n"),),
+        veth=veth.link_for(ipaddress.IPv4Network("10.199.0.0/16"), "gwab12", 5),
     )  # fmt: skip
     words = spec_words(spec)
     assert " ".join(words[:10]) == (
@@ -227,6 +230,7 @@ def test_a_namespace_spec_says_everything_the_init_builds() -> None:
         "lower /s/releases/shop/v3", "cgroup /sys/fs/cgroup/memory/g/x/cgroup.procs",
         "ro /usr", "symlink usr/bin /bin", "hide-dir /etc/gateway",
         "hide-file /etc/gateway.toml", "rlimit NOFILE 10000 10000", "rlimit CORE 0 0",
+        "veth gwab12-5 10.199.0.21 10.199.0.22",
     ):  # fmt: skip
         assert expected in " ".join(words), expected
     assert "DATA" not in words  # a memory cgroup caps it
@@ -252,8 +256,6 @@ def test_the_dynos_network_table_and_addresses() -> None:
         'ip saddr 10.199.0.0/16 oifname != "gwab12-*" masquerade',
     ):
         assert rule in rules, rule
-    assert "peer name eth0 netns 42" in veth.host_batch(link, 42)
-    assert "route add default via 10.199.0.21" in veth.dyno_batch(link)
 
 
 def test_dynos_get_the_name_servers_they_can_reach() -> None:
@@ -408,13 +410,39 @@ def test_a_dyno_connects_out_but_nothing_connects_in(gw: Gateway, test_host: Net
         server.kill()
         server.wait()
 
-    # No address of the host answers a dyno: not the gateway's end of the test host's
-    # pair, nor the host's side of the dyno's own pair.
-    address = gw.ssh(app, "ip -4 -o addr show eth0").stdout.split()[3].decode().split("/")[0]
-    host_side = address.rsplit(".", 1)[0] + "." + str(int(address.rsplit(".", 1)[1]) - 1)
-    for target in (test_host.gateway, host_side):
-        out = gw.ssh(app, f"timeout 3 bash -c 'exec 3<>/dev/tcp/{target}/22' || echo no")
-        assert out.stdout.endswith(b"no\n"), (target, out.stdout)
+    # No address of the host answers a dyno, though a server listens on all of them:
+    # not its loopback (the gateway's own SSH port there), not the gateway's end of the
+    # test host's pair, not the host's side of the dyno's own pair, nor its main address.
+    with _host_listener() as (port, accepted):
+        targets = " ".join(
+            f"{host}:{p}"
+            for host, p in (("127.0.0.1", port), ("127.0.0.1", gw.port), ("$h", port),
+                            (test_host.gateway, port), (_main_address(), port))
+        )  # fmt: skip
+        probe = (
+            "h=$(ip -4 route show default | cut -d' ' -f3); echo $h;"
+            f" for t in {targets}; do"
+            ' timeout 3 bash -c "exec 3<>/dev/tcp/${t%:*}/${t#*:}" 2>/dev/null'
+            " && echo REACHED $t; done; echo done"
+        )
+        # The dyno stays up meanwhile, so that its pair (and the host's end) stays too.
+        client = subprocess.Popen(gw.ssh_argv(app, probe + "; exec sleep 30"),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        try:
+            assert client.stdout is not None
+            lines = [client.stdout.readline()]
+            while lines[-1] not in (b"done\n", b""):
+                lines.append(client.stdout.readline())
+            assert lines[-1] == b"done\n" and not [x for x in lines if b"REACHED" in x], lines
+            assert not accepted
+            # The listener is real: from the host itself it answers on each of them.
+            host_side = lines[0].decode().strip()
+            for target in ("127.0.0.1", host_side, test_host.gateway, _main_address()):
+                socket.create_connection((target, port), timeout=2).close()
+            assert wait_until(lambda: len(accepted) == 4, 5)
+        finally:
+            client.kill()
+            client.wait()
 
     # A server inside a dyno is reachable from nowhere outside it: not from the test
     # host (which routes the dynos' subnet through this host), not from this host, not
@@ -446,6 +474,37 @@ def test_a_dyno_connects_out_but_nothing_connects_in(gw: Gateway, test_host: Net
     finally:
         client.kill()
         client.wait()
+
+
+@contextlib.contextmanager
+def _host_listener() -> Iterator[tuple[int, list[str]]]:
+    """A TCP server on every address of this host; yields its port and the addresses
+    of the peers it accepted."""
+    server = socket.create_server(("0.0.0.0", 0))
+    accepted: list[str] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, peer = server.accept()
+                accepted.append(peer[0])
+                conn.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], accepted
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(5)
+
+
+def _main_address() -> str:
+    """This host's address on its default route (its address to the outside)."""
+    out = subprocess.run(["ip", "-4", "route", "get", "192.0.2.1"], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    return out.split(" src ")[1].split()[0]
 
 
 def test_network_none_has_only_loopback(own_gateway: Gateway, test_host: NetnsHost) -> None:
@@ -531,7 +590,6 @@ def _processes_of(gw: Gateway) -> list[str]:
 def test_200_dynos_leave_nothing_behind(gw: Gateway) -> None:
     app = gw.new_app()
     mounts_before = set(Path("/proc/self/mountinfo").read_text().splitlines())
-    ours = veth.name_prefix(gw.state_dir)
 
     def run(_: int) -> tuple[int, bytes]:
         result = gw.ssh(app, "true", timeout=60)
@@ -547,13 +605,102 @@ def test_200_dynos_leave_nothing_behind(gw: Gateway) -> None:
     # (other tests on this host may mount and link things of their own meanwhile).
     new_mounts = set(Path("/proc/self/mountinfo").read_text().splitlines()) - mounts_before
     assert not [m for m in new_mounts if str(gw.root) in m or " overlay " in m], new_mounts
-    # Every dyno's veth pair went with it.
-    assert not [link for link in _links() if link.startswith(ours)], _links()
+    # Every dyno's veth pair went with its namespace (the kernel removes it in the
+    # background).
+    assert wait_until(lambda: not _links(gw), 10), _links(gw)
 
 
-def _links() -> list[str]:
-    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    return sorted(line.split(":")[1].strip() for line in out.splitlines())
+def test_no_two_dynos_ever_share_a_sandbox(gw: Gateway) -> None:
+    """Sandboxes are made ahead and handed out from a pool: each to one dyno only.
+    Dynos at once have namespaces of their own; a dyno after another finds nothing the
+    other left, whether its sandbox came from the pool or was made for it."""
+    app = gw.new_app()
+    identity = "readlink /proc/self/ns/mnt /proc/self/ns/net /proc/self/ns/pid /proc/self/ns/ipc"
+    clients = [
+        subprocess.Popen(gw.ssh_argv(app, f"{identity}; echo started; exec sleep 30"),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(8)
+    ]  # fmt: skip
+    try:
+        seen = []
+        for client in clients:
+            assert client.stdout is not None
+            lines = [client.stdout.readline().strip() for _ in range(5)]
+            assert lines[-1] == b"started", lines
+            seen.append(lines[:4])
+        for kind in range(4):  # mnt, net, pid, ipc: eight different namespaces of each
+            assert len({namespaces[kind] for namespaces in seen}) == 8, seen
+    finally:
+        for client in clients:
+            client.kill()
+            client.wait()
+    leave = "echo x > /tmp/left; echo x > /dev/shm/left; echo x > /app/left; echo left"
+    assert gw.ssh(app, leave).stdout == b"left\n"
+    for _ in range(6):  # the pool's sandboxes, then ones it made meanwhile
+        look = gw.ssh(app, "ls -A /tmp /dev/shm; ls /app; ps -e -o comm=")
+        assert look.stdout == b"/dev/shm:\n\n/tmp:\nhello.txt\ndyno-init\nps\n", look
+
+
+def test_a_replaced_release_is_never_run(gw: Gateway) -> None:
+    """The pool holds sandboxes of the release in use; the moment a new release exists,
+    sessions run it, and the old release's sandboxes go."""
+    app = gw.new_app({"version.txt": "1\n"})
+    assert gw.ssh(app, "cat version.txt").stdout == b"1\n"  # the pool now holds v1's
+    assert wait_until(lambda: len(_app_groups(gw, app)) == 2, 10), _app_groups(gw, app)
+    for version in (2, 3):
+        slug = make_slug(gw.root / f"{app}-v{version}.tgz", {"version.txt": f"{version}\n"})
+        gw.cli("releases:create", app, str(slug))
+        for _ in range(3):
+            assert gw.ssh(app, "cat version.txt").stdout == f"{version}\n".encode()
+    # Only the latest release's sandboxes are left waiting (`prepared` of them).
+    assert wait_until(lambda: _releases_waiting(gw, app) == ["3\n", "3\n"], 10), _releases_waiting(
+        gw, app
+    )
+
+
+def test_prepared_sandboxes_are_bounded_and_go_when_unused(own_gateway: Gateway) -> None:
+    """However many apps a host serves, it holds at most `prepared_max` sandboxes made
+    ahead, and none once they have been unused for `prepared_idle`."""
+    own_gateway.extra_config = "prepared = 2\nprepared_max = 3\n" + QUICK_IDLE
+    own_gateway.write_config()
+    gw = _sandboxed(own_gateway)
+    gw.start()
+    apps = [gw.new_app() for _ in range(4)]
+    most = 0
+    for app in apps * 2:
+        assert gw.ssh(app, "echo ok").stdout == b"ok\n"
+        # Dirs of dynos that ended go at once; those left are prepared ones.
+        assert wait_until(lambda: len(_dyno_dirs(gw)) <= 3, 5), _dyno_dirs(gw)
+        most = max(most, len(_dyno_dirs(gw)))
+    assert most == 3  # the pool was used, up to its bound
+    assert wait_until(lambda: not _dyno_dirs(gw), 10), _dyno_dirs(gw)  # prepared_idle: 3 s
+    assert wait_until(lambda: not _dyno_groups(gw), 5), _dyno_groups(gw)
+
+
+def _dyno_dirs(gw: Gateway) -> list[str]:
+    return [p.name for p in (gw.state_dir / "dynos").iterdir()]
+
+
+def _app_groups(gw: Gateway, app: str) -> list[Path]:
+    """The memory cgroups of `app`'s dynos, prepared ones included."""
+    return [p for p in _cgroup_parents(gw)[0].glob(app + ".*") if p.is_dir()]
+
+
+def _releases_waiting(gw: Gateway, app: str) -> list[str]:
+    """version.txt as each of `app`'s sandboxes sees it in its /app (read through its
+    init's root), for those whose init still runs."""
+    seen = []
+    for group in _app_groups(gw, app):
+        with contextlib.suppress(OSError, IndexError):
+            pid = (group / "cgroup.procs").read_text().split()[0]
+            seen.append(Path(f"/proc/{pid}/root/app/version.txt").read_text())
+    return sorted(seen)
+
+
+def _links(gw: Gateway) -> list[str]:
+    """The host ends of this gateway's dynos' veth pairs."""
+    prefix = veth.name_prefix(gw.state_dir) + "-"
+    return [name for name in os.listdir("/sys/class/net") if name.startswith(prefix)]
 
 
 def _serve(gw: Gateway) -> subprocess.CompletedProcess[str]:

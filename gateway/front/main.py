@@ -24,6 +24,7 @@ import asyncssh
 from gateway.audit import AuditLog
 from gateway.config import Config
 from gateway.core import protocol as p
+from gateway.front import crypto
 from gateway.front.api import PlatformAPI
 from gateway.front.attached import AttachedSessions
 from gateway.front.gate import Gate, admission_limits, start_stream, start_tls
@@ -53,6 +54,7 @@ BACKLOG = 1024
 async def serve(config: Config, manager: Connector) -> None:
     """Take the kit from the manager, serve its listeners until SIGTERM or until the
     manager closes the kit's connection (it is gone)."""
+    crypto.install()  # packet crypto keyed once per direction (gateway/front/crypto.py)
     lifeline = await ManagerLink.open(manager)
     setup, fds = await lifeline.front_setup()
     audit = AuditLog.on_descriptor(fds[0])

@@ -29,6 +29,7 @@ from gateway.core.dyno_access import Login, forward_addresses
 from gateway.core.prelimits import Penalized, PenaltyBox
 from gateway.eventlog import event_log
 from gateway.front.channel import adopt, adopt_tcp
+from gateway.front.connection import ServerConnection
 from gateway.front.forward import ForwardedConnection, Refusal, open_forward
 from gateway.front.gate import Pending, Start, connection_id, feed
 from gateway.front.link import Connector, ManagerLink
@@ -137,7 +138,7 @@ def start_ssh(options: asyncssh.SSHServerConnectionOptions) -> Start:
     its version exchange and login timer start now), with its admission in extra info."""
 
     def start(transport: asyncio.Transport, pending: Pending, early: bytes) -> None:
-        conn = asyncssh.SSHServerConnection(asyncio.get_running_loop(), options)
+        conn = ServerConnection(asyncio.get_running_loop(), options)
         conn.set_extra_info(admission=pending)
         transport.set_protocol(conn)
         conn.connection_made(transport)

@@ -472,11 +472,21 @@ int main(int argc, char **argv) {
          * (CLONE_PARENT): this process says its pid and ends, and PID 1 is the dyno's
          * one helper. */
         join_cgroups();
+        int host_net = spec_veth() ? nl_open() : -1;  /* opened in the host's namespace */
         int flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP;
         if (spec_own_net())
             flags |= CLONE_NEWNET;
         if (unshare(flags) < 0)
             die("unshare");
+        if (spec_own_net())
+            spec_build_network(host_net);
+        if (host_net >= 0)
+            close(host_net);
+        /* "pid" must come before "ready" on the status pipe: PID 1 says "ready" only
+         * once this process has said the pid and ended (EOF on `said`). */
+        int said[2];
+        if (pipe2(said, O_CLOEXEC) < 0)
+            die("pipe");
         pid_t child = (pid_t)syscall(SYS_clone, CLONE_PARENT | CLONE_NEWPID | SIGCHLD, 0, 0, 0, 0);
         if (child < 0)
             die("clone");
@@ -484,11 +494,16 @@ int main(int argc, char **argv) {
             say("pid %d\n", child);
             _exit(0);
         }
+        close(said[1]);
         /* The dyno's process group is ours (its id our pid, as the manager signals it):
          * the first process led the session, so this one may make its own. */
         if (setsid() < 0)
             die("setsid");
         build_root();
+        char byte;
+        while (read(said[0], &byte, 1) < 0 && errno == EINTR) {
+        }
+        close(said[0]);
         say("ready\n");
     }
 

@@ -4,6 +4,7 @@
  *   dyno_init_sandbox.c   the namespaces sandbox it builds as root (sandbox mode)
  *   dyno_init_sessions.c  processes entered into the running dyno, and connections
  *                         made from inside it for port forwarding
+ *   dyno_init_network.c   the dyno's network: loopback, its veth pair (sandbox mode)
  */
 #ifndef DYNO_INIT_H
 #define DYNO_INIT_H
@@ -36,10 +37,17 @@ int split_words(char *buf, size_t len, char **words, int room);
 /* dyno_init_sandbox.c */
 void parse_spec(int fd);
 int spec_own_net(void);
+int spec_veth(void);
+void spec_build_network(int host);
 void join_cgroups(void);
 void build_root(void);
 void become_dyno_user(void);
 void enter_sandbox(void);
+
+/* dyno_init_network.c */
+int nl_open(void);
+void build_network(int host, const char *veth_host, const char *host_addr,
+                   const char *dyno_addr);
 
 /* dyno_init_sessions.c */
 enum { MAX_SESSIONS = 64 };

@@ -26,7 +26,13 @@ from gateway.ipc import ancillary
 # The init's sources, built together into one binary (dyno_init.h says which does what).
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("dyno_init.h", "dyno_init.c", "dyno_init_sandbox.c", "dyno_init_sessions.c")
+    for name in (
+        "dyno_init.h",
+        "dyno_init.c",
+        "dyno_init_sandbox.c",
+        "dyno_init_sessions.c",
+        "dyno_init_network.c",
+    )
 )
 COMPILERS = ("cc", "gcc", "clang")
 # Descriptors a dyno inherits are moved at or above this, clear of the ones the bwrap

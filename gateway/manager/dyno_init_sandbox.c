@@ -33,6 +33,8 @@ struct spec {
     long budget;               /* bytes: /app's changes, /tmp and /dev/shm together */
     const char *lower;         /* the release (overlay's lower layer), or none */
     int own_net;               /* a network namespace of its own */
+    const char *veth_host;     /* the veth pair's host end (name), or none */
+    const char *veth_host_addr, *veth_dyno_addr; /* the /30's two addresses */
     const char *cgroups[8];    /* cgroup.procs files to join */
     int n_cgroups;
     const char *ro[MAX_ITEMS]; /* host dirs bound read-only at the same path */
@@ -124,6 +126,10 @@ void parse_spec(int fd) {
             NEED(1) spec.lower = words[++i];
         } else if (strcmp(key, "net") == 0) {
             NEED(1) spec.own_net = strcmp(words[++i], "own") == 0;
+        } else if (strcmp(key, "veth") == 0) {
+            NEED(3) spec.veth_host = words[++i];
+            spec.veth_host_addr = words[++i];
+            spec.veth_dyno_addr = words[++i];
         } else if (strcmp(key, "cgroup") == 0 && spec.n_cgroups < 8) {
             NEED(1) spec.cgroups[spec.n_cgroups++] = words[++i];
         } else if (strcmp(key, "ro") == 0 && spec.n_ro < MAX_ITEMS) {
@@ -380,6 +386,15 @@ void become_dyno_user(void) {
 
 int spec_own_net(void) {
     return spec.own_net;
+}
+
+int spec_veth(void) {
+    return spec.veth_host != NULL;
+}
+
+/* In the dyno's new network namespace, `host` a netlink socket of the host's (or -1). */
+void spec_build_network(int host) {
+    build_network(host, spec.veth_host, spec.veth_host_addr, spec.veth_dyno_addr);
 }
 
 /* In a process of the dyno, before its exec: the spec's rlimits, /app, the app's user (the

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.manager.stack import StackEntry
+from gateway.manager.veth import Link
 
 # Heroku's open-files limit.
 NOFILE = 10000
@@ -22,6 +23,7 @@ class NamespaceSpec:
     budget: int  # bytes /app's changes, /tmp and /dev/shm may take together
     lower: Path | None  # the release, /app's read-only lower layer
     own_network: bool  # a network namespace of its own (else the host's)
+    veth: Link | None = None  # its pair out, made by the init (with own_network)
     cgroup_procs: tuple[str, ...] = ()  # cgroup.procs files the dyno joins
     stack: tuple[StackEntry, ...] = ()
     hidden: tuple[tuple[str, bool], ...] = ()  # (path, is_dir) covered inside the stack
@@ -35,6 +37,8 @@ def spec_words(spec: NamespaceSpec) -> list[str]:
         "uid", str(spec.uid), "gid", str(spec.gid), "root", str(spec.root),
         "budget", str(spec.budget), "net", "own" if spec.own_network else "host",
     ]  # fmt: skip
+    if spec.veth is not None:
+        words += ["veth", spec.veth.host_name, spec.veth.host_address, spec.veth.dyno_address]
     if spec.lower is not None:
         words += ["lower", str(spec.lower)]
     for procs in spec.cgroup_procs:

@@ -56,13 +56,13 @@ from gateway.manager.sandbox import (
 from gateway.manager.spawn import Child, spawn
 from gateway.manager.stack import StackEntry, hidden_paths, look_at_stack
 from gateway.manager.veth import Link, NetworkError, VethNetwork, upstream_resolv_conf
-from gateway.slugs import own_tree, remove_tree
+from gateway.slugs import own_tree, owned_by, remove_tree
 
 log = logging.getLogger(__name__)
 
 # Tools the sandbox runs as root; looked up on a trusted path, never a dyno's.
 TRUSTED_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-TOOLS = ("ip", "nft", "nsenter")
+TOOLS = ("ip", "nft")
 READY_TIMEOUT = 10.0
 
 
@@ -212,11 +212,6 @@ class NamespaceSandbox:
             raise SandboxError("the namespaces sandbox needs the app's uid")
         recipe = Recipe(spec.app, spec.uid, spec.release_dir, spec.size)
         prepared = self.pool.take(recipe)
-        if prepared is None:
-            try:
-                prepared = await self._prepare(recipe)
-            except (InitError, NetworkError, OSError, trio.TooSlowError) as exc:
-                raise SandboxError(f"the sandbox could not be made: {exc}") from None
         self.pool.want(recipe)
         own_net = self.config.dynos.network != "host" and (
             self.network is not None or self.config.dynos.network == "none"
@@ -230,12 +225,25 @@ class NamespaceSandbox:
         )
         shell = self._shell_path()
         argv = [shell] if spec.command is None else [shell, "-c", spec.command]
-        try:
-            prepared.init.start(spec.name, spec.pty is not None, argv, env, stdio)
-        except OSError as exc:
-            with trio.CancelScope(shield=True):
-                await self._discard(prepared)
-            raise SandboxError(f"the prepared sandbox is gone: {exc}") from None
+        while True:
+            pooled = prepared is not None
+            if prepared is None:
+                try:
+                    prepared = await self._prepare(recipe)
+                except (InitError, NetworkError, OSError, trio.TooSlowError) as exc:
+                    raise SandboxError(f"the sandbox could not be made: {exc}") from None
+            try:
+                prepared.init.start(spec.name, spec.pty is not None, argv, env, stdio)
+                break
+            except OSError as exc:
+                with trio.CancelScope(shield=True):
+                    await self._discard(prepared)
+                if not pooled:
+                    raise SandboxError(f"the sandbox is gone: {exc}") from None
+                # Its init died while it waited (killed from outside): make one now.
+                log.warning("a prepared sandbox was gone, making another app=%s error=%s",
+                            spec.app, exc)  # fmt: skip
+                prepared = None
         self._running[prepared.workspace.root] = prepared
         if prepared.cgroup is not None and self._nursery is not None:
             self._nursery.start_soon(_end_on_oom, prepared.cgroup, spec.name)
@@ -268,7 +276,8 @@ class NamespaceSandbox:
     async def _prepare(self, recipe: Recipe) -> Prepared:
         """A sandbox for `recipe`, its init waiting for the start message."""
         size = self.config.sizes[recipe.size]
-        await trio.to_thread.run_sync(own_tree, recipe.release_dir, recipe.uid, recipe.uid)
+        if not owned_by(recipe.release_dir, recipe.uid, recipe.uid):  # once per release
+            await trio.to_thread.run_sync(own_tree, recipe.release_dir, recipe.uid, recipe.uid)
         self.dynos_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         root = self.dynos_dir / f"{recipe.app}.{secrets.token_hex(8)}"
         root.mkdir(mode=0o700)
@@ -281,6 +290,8 @@ class NamespaceSandbox:
             if self.cgroups is not None:
                 cgroup = self.cgroups.create(root.name, limits_for(size))
                 cgroup.arm_oom()
+            if self.network is not None:
+                link = self.network.allocate()
             spec = NamespaceSpec(
                 uid=recipe.uid,
                 gid=recipe.uid,
@@ -288,6 +299,7 @@ class NamespaceSandbox:
                 budget=self.config.dynos.tmp_max_bytes,
                 lower=recipe.release_dir,
                 own_network=self.config.dynos.network != "host",
+                veth=link,
                 cgroup_procs=tuple(str(p) for p in cgroup.procs_files) if cgroup else (),
                 stack=self.stack,
                 hidden=self.hidden,
@@ -297,8 +309,6 @@ class NamespaceSandbox:
             process = await self._spawn_init(spec, init)
             with trio.fail_after(READY_TIMEOUT):
                 await init.said("ready")
-            if self.network is not None:
-                link = await self.network.attach(process.pid)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._discard(Prepared(recipe, process, init, workspace, cgroup, link))
@@ -357,9 +367,13 @@ class NamespaceSandbox:
                 prepared.process.kill()
                 await prepared.process.wait()
         if prepared.link is not None and self.network is not None:
-            await self.network.detach(prepared.link)
+            self.network.release(prepared.link)  # the pair went with the init's namespace
         root = prepared.workspace.root
-        if root.exists():
+        try:
+            root.rmdir()  # empty on the host: the dyno's mounts were in its namespace
+        except FileNotFoundError:
+            pass
+        except OSError:
             await trio.to_thread.run_sync(_remove_root, root)
 
     async def _trial(self) -> None:

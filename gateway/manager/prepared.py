@@ -4,8 +4,9 @@ A pool keyed by what a sandbox is made for (app, release, size...). `take` hands
 entry out once: it leaves the pool, and nothing of it is ever handed to anyone else.
 `want` asks for the key to be topped up, in the background, to `per_key` entries, never
 more than `max_total` in all; wanting a key drops the entries of the same app made for
-other releases (a replaced release is never run again). An entry unused for `idle`
-seconds is discarded, so an idle host holds none. All background work runs in the
+other releases, and those still being made for them are discarded when done (a replaced
+release is never run again). An entry unused for `idle` seconds is discarded, so an idle
+host holds none. All background work runs in the
 pool's own nursery (`run`), which the sandbox's `run` owns.
 """
 
@@ -52,6 +53,7 @@ class PreparedPool(Generic[Key, Item]):
         self.idle = idle
         self._ready: dict[Key, list[_Entry[Item]]] = {}
         self._making: dict[Key, int] = {}
+        self._wanted: dict[Hashable, Key] = {}  # per group, the key last wanted
         self._limiter = trio.CapacityLimiter(concurrency)
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -93,6 +95,7 @@ class PreparedPool(Generic[Key, Item]):
         if self._nursery is None:
             return
         group = self._group(key)
+        self._wanted[group] = key
         for other in [k for k in self._ready if k != key and self._group(k) == group]:
             for entry in self._ready.pop(other):
                 self._nursery.start_soon(self._discard, entry.item)
@@ -113,6 +116,9 @@ class PreparedPool(Generic[Key, Item]):
             self._making[key] -= 1
             if not self._making[key]:
                 del self._making[key]
+        if self._wanted.get(self._group(key)) != key:  # replaced while it was being made
+            await self._discard(item)
+            return
         self._ready.setdefault(key, []).append(_Entry(item, trio.current_time() + self.idle))
         self._changed.set()
 

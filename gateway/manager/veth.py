@@ -12,8 +12,12 @@ What it allows, in the table's own words (`ruleset`):
   included): the host's own input from dyno interfaces is dropped.
 
 Each dyno gets a /30 of `subnet`: the host side .1, the dyno .2 (eth0, default route).
-Interface names carry a short digest of the state dir, so two gateways on one host keep
-out of each other's way, and a restarted manager finds what a dead one left.
+The dyno's init makes the pair and addresses both ends itself, over rtnetlink, as it
+builds the namespace (dyno_init.c, `build_network`): no `ip` process per dyno. The pair
+goes with the dyno's network namespace; its slot is taken again only once the kernel
+has removed it. Interface names carry a short digest of the state dir, so two gateways
+on one host keep out of each other's way, and a restarted manager finds what a dead one
+left.
 """
 
 from __future__ import annotations
@@ -23,11 +27,10 @@ import hashlib
 import ipaddress
 import logging
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-
-import trio
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +89,6 @@ def ruleset(table: str, prefix: str, subnet: ipaddress.IPv4Network) -> str:
     }}
 }}
 """
-
-
-def host_batch(link: Link, pid: int) -> str:
-    """`ip -batch` for the host side: the pair, its dyno end moved into the netns of `pid`."""
-    return (
-        f"link add {link.host_name} type veth peer name eth0 netns {pid}\n"
-        f"addr add {link.host_address}/30 dev {link.host_name}\n"
-        f"link set {link.host_name} up\n"
-    )
-
-
-def dyno_batch(link: Link) -> str:
-    """`ip -batch` inside the dyno's netns: loopback, eth0, the default route."""
-    return (
-        "link set lo up\n"
-        f"addr add {link.dyno_address}/30 dev eth0\n"
-        "link set eth0 up\n"
-        f"route add default via {link.host_address}\n"
-    )
 
 
 def upstream_resolv_conf(texts: list[str]) -> str | None:
@@ -171,36 +155,27 @@ class VethNetwork:
             if name.startswith(self.prefix + "-"):
                 subprocess.run([self.tools["ip"], "link", "del", name], capture_output=True)
 
-    async def attach(self, pid: int) -> Link:
-        """A veth pair for the network namespace of `pid`, addressed and routed."""
-        slot = self._free.pop() if self._free else self._take_next()
-        link = link_for(self.subnet, self.prefix, slot)
-        try:
-            await self._ip(host_batch(link, pid))
-            await self._ip(dyno_batch(link), netns_of=pid)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.detach(link)
-            raise
+    def allocate(self) -> Link:
+        """A slot for a new dyno's pair: the longest free one whose last pair the kernel
+        has removed (a dyno's namespace, and its pair with it, goes in the background),
+        else a new one."""
+        for i, slot in enumerate(self._free):
+            link = link_for(self.subnet, self.prefix, slot)
+            if not _link_exists(link.host_name):
+                del self._free[i]
+                return link
+        link = link_for(self.subnet, self.prefix, self._next)
+        self._next += 1
         return link
 
-    async def detach(self, link: Link) -> None:
-        """The pair goes (with the namespace, or here), and its slot is free again."""
-        await trio.run_process(
-            [self.tools["ip"], "link", "del", link.host_name], capture_stderr=True, check=False
-        )
+    def release(self, link: Link) -> None:
+        """The dyno is gone: its slot may serve again once its pair is."""
         self._free.append(link.slot)
 
-    def _take_next(self) -> int:
-        slot, self._next = self._next, self._next + 1
-        return slot
 
-    async def _ip(self, batch: str, netns_of: int | None = None) -> None:
-        argv = [self.tools["ip"], "-batch", "-"]
-        if netns_of is not None:
-            argv = [self.tools["nsenter"], f"--net=/proc/{netns_of}/ns/net", "--", *argv]
-        result = await trio.run_process(
-            argv, stdin=batch.encode(), capture_stderr=True, check=False
-        )
-        if result.returncode != 0:
-            raise NetworkError(f"ip failed: {result.stderr.decode(errors='replace').strip()}")
+def _link_exists(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
