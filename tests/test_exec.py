@@ -75,7 +75,8 @@ def test_environment_holds_config_vars_dyno_and_home(gateway: Gateway) -> None:
 def test_files_a_dyno_makes_have_the_usual_modes(gateway: Gateway) -> None:
     # The gateway keeps its own state private (umask 077); a dyno gets sshd's 022.
     app = gateway.new_app()
-    result = gateway.ssh(app, "umask; touch /tmp/f && mkdir /tmp/d && stat -c %a /tmp/f /tmp/d")
+    # In the dyno's home (its own copy of the release): the process sandbox shares /tmp.
+    result = gateway.ssh(app, "umask; cd && touch f && mkdir d && stat -c %a f d")
     assert result.stdout == b"0022\n644\n755\n", result.stderr
 
 
