@@ -202,6 +202,11 @@ def test_descriptors_and_children_return_to_baseline(gw: Gateway, tmp_path: Path
         gw.cli("ps", app).stdout for app in everyone
     ]
     assert wait_until(lambda: snapshot(gw) == before, 10), (before, snapshot(gw), details(gw))
+    # Every stopped or cycled dyno (sleep) ended on its SIGTERM: none needed the SIGKILL
+    # after stop_grace (a SIGTERM lost between the start and the exec would).
+    for app in [*apps, capped]:
+        log = gw.cli("logs", app, "-n", "1500").stdout
+        assert "Error R12" not in log, [line for line in log.splitlines() if "R12" in line]
 
 
 def details(gw: Gateway) -> list[str]:
