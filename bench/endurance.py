@@ -41,6 +41,7 @@ from bench.util import Progress, say
 
 FULL = 20_000
 PROBE = 40  # sessions timed one after another at each checkpoint, on the settled gateway
+COMPARE = 200  # at the end: probe sessions on the long-run and on a fresh gateway, in turn
 SETTLE_TIMEOUT = 120.0  # seconds a checkpoint waits for the gateway to settle
 # SQLite checkpoints the WAL once it holds 1000 pages (4 KB each by default); the file
 # keeps its largest size, which a transaction's pages may take past the threshold.
@@ -48,11 +49,16 @@ WAL_BOUND = 8 * 1024 * 1024
 
 
 class EnduranceGateway(Gateway):
-    """The bench's gateway with the default sandbox and dyno limits."""
+    """The bench's gateway with the default sandbox and dyno limits (`dynos`: settings
+    of its own, such as another subnet for a second gateway beside the first)."""
+
+    def __init__(self, root: Path, key: Path, dynos: dict[str, object] | None = None) -> None:
+        super().__init__(root, key)
+        self.dynos = dynos or {}
 
     def settings(self) -> dict[str, dict[str, object]]:
         tables = super().settings()
-        tables["dynos"] = {}
+        tables["dynos"] = dict(self.dynos)
         return tables
 
 
@@ -64,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--probe", type=int, default=PROBE, help=f"sessions timed at each checkpoint ({PROBE})"
     )
+    parser.add_argument(
+        "--compare", type=int, default=COMPARE,
+        help=f"sessions timed at the end on each of this and a fresh gateway ({COMPARE})",
+    )  # fmt: skip
     parser.add_argument(
         "--max-minutes", type=float, default=120, help="stop starting intervals after this"
     )
@@ -125,6 +135,35 @@ def endure(args: argparse.Namespace, gateway: Gateway, work: Path) -> list[Check
     return points
 
 
+def against_fresh(
+    gateway: Gateway, args: argparse.Namespace, work: Path
+) -> tuple[list[float], list[float]]:
+    """The probe on the long-run gateway and on a fresh one (warmed up with one
+    interval of the mix, as the long run was at its baseline), one session on each in
+    turn, so that both see the same load from the rest of the machine: the seconds of
+    each."""
+    fresh = EnduranceGateway(work / "fresh", gateway.key, {"subnet": "10.198.0.0/16"})
+    long_mix = Mix(gateway, work / "control", 1)
+    fresh_mix = Mix(fresh, work / "control-fresh", args.workers)
+    say(f"a fresh gateway, warmed up with {args.every} sessions, then the probe on both in turn")
+    try:
+        fresh.start()
+        fresh_mix.run(0, args.every, lambda: None)
+        settle(fresh, fresh.pids())
+        times: tuple[list[float], list[float]] = ([], [])
+        for n in range(args.compare):
+            for mix, seconds in ((long_mix, times[0]), (fresh_mix, times[1])):
+                result = mix.session(-100_000 - n, "exec")
+                if result.error:
+                    raise RuntimeError(f"{mix.gateway.root.name}: {result.error}")
+                seconds.append(result.seconds)
+    finally:
+        long_mix.close()
+        fresh_mix.close()
+        fresh.stop()
+    return times
+
+
 def _cpu(taken: Sample) -> float:
     return taken.manager.cpu + taken.front.cpu
 
@@ -150,15 +189,24 @@ def checkpoint(
                       errors)  # fmt: skip
 
 
-def write_results(points: list[Checkpoint], meta: dict[str, object], out: Path) -> str:
+def write_results(
+    points: list[Checkpoint],
+    compared: tuple[list[float], list[float]],
+    meta: dict[str, object],
+    out: Path,
+) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    judged = verdicts(points, WAL_BOUND)
+    judged = verdicts(points, compared, WAL_BOUND)
     grows = growth(points)
     (out / "endurance.json").write_text(json.dumps({
         "meta": meta,
         "verdicts": [v.__dict__ for v in judged],
         "growth": grows,
         "checkpoints": [p.to_json() for p in points],
+        "end against fresh, ms": {
+            name: [round(t * 1000, 2) for t in times]
+            for name, times in zip(("long run", "fresh"), compared, strict=True)
+        },
     }, indent=1) + "\n")  # fmt: skip
     goals = [f"- {'met' if v.met else 'MISSED'}: {v.goal} ({v.measured})" for v in judged]
     grown = [f"- {name}: {value:.1f}" for name, value in grows.items()]
@@ -197,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             "load average at start": os.getloadavg()[0],
         }
         points = endure(args, gateway, work)
+        compared = against_fresh(gateway, args, work) if points else ([], [])
     finally:
         gateway.stop()
         (work / "gateway.log").write_text("\n".join(gateway.log) + "\n")
@@ -204,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     meta["load average at end"] = os.getloadavg()[0]
     meta["duration_s"] = round(time.monotonic() - started)
-    summary = write_results(points, meta, out)
+    summary = write_results(points, compared, meta, out)
     print(text_table(points))
     print(summary)
     say(f"results in {out} ({meta['duration_s']} s)")

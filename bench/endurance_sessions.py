@@ -66,8 +66,12 @@ class Mix:
             with lock:
                 self._local.worker = next(ids)
 
-        with ThreadPoolExecutor(self.workers, initializer=name_worker) as pool:
+        pool = ThreadPoolExecutor(self.workers, initializer=name_worker)
+        try:
             return list(pool.map(one, range(first, first + count)))
+        finally:
+            # Interrupted (Ctrl-C): the sessions not yet begun never are.
+            pool.shutdown(cancel_futures=True)
 
     def session(self, number: int, kind: str | None = None) -> Result:
         """Session `number`: of the mix's kind for it, or of `kind`."""

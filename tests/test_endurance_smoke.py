@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.timeout(240)
 def test_a_short_endurance_run_reports_every_checkpoint(tmp_path: Path) -> None:
     argv = [sys.executable, str(REPO / "bench" / "endurance.py"), "--sessions", "40",
-            "--every", "20", "--probe", "5", "--out", str(tmp_path)]  # fmt: skip
+            "--every", "20", "--probe", "5", "--compare", "5", "--out", str(tmp_path)]  # fmt: skip
     result = subprocess.run(argv, capture_output=True, text=True, timeout=230)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "endurance.json").read_text())
@@ -30,5 +30,7 @@ def test_a_short_endurance_run_reports_every_checkpoint(tmp_path: Path) -> None:
     verdicts = {v["goal"].split(" ")[0]: v["met"] for v in report["verdicts"]}
     assert verdicts["fds,"] and verdicts["every"], report["verdicts"]
     assert report["growth"]["dyno rows per session"] == 1.0
+    compared = report["end against fresh, ms"]
+    assert len(compared["long run"]) == len(compared["fresh"]) == 5
     assert (tmp_path / "endurance.png").stat().st_size > 0
     assert "| sessions |" in (tmp_path / "endurance.md").read_text()
