@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import config as config_module
-from gateway.cli import admin, dynos, nodes, serving  # noqa: F401 (they register commands)
+from gateway.cli import admin, dynos, nodes, serving, usage_prune  # noqa: F401 (they register commands)
 from gateway.cli.registry import COMMANDS, Handler, UserError
 from gateway.config import ConfigError
 from gateway.core.names import InvalidName

@@ -71,6 +71,7 @@
 int pid1;               /* PID 1 of a PID namespace: kill(-1) reaches exactly the dyno */
 static int detached;    /* after PROGRAM ends, wait for the others */
 static int exec_done;   /* PROGRAM's exec happened (or failed): its signals are its own */
+static int drop_at_exec; /* sandbox mode: become the dyno's user once PROGRAM has */
 static pid_t main_pid = -1;
 static int main_status = -1;
 static int status_fd = -1;
@@ -339,10 +340,7 @@ static int read_control(int control, int sandboxed, int *started) {
             main_pid = start_command(&packet, control);
             close(pipe_fds[1]);  /* the child's copy closes at its exec */
             *started = pipe_fds[0];
-            /* The init needs nothing privileged any more; and a process of the dyno,
-             * with the same uid, may not ptrace it. */
-            become_dyno_user();
-            prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+            drop_at_exec = 1;
         } else if (kind == 'E' && main_pid > 0) {
             enter_process(packet.data + 1, packet.len - 1, packet.fds, packet.n_fds, control,
                           sandboxed);
@@ -388,6 +386,16 @@ static int run(int control, int sfd, const struct program *program, int sandboxe
             exec_done = 1;
             close(started);
             started = -1;
+            if (drop_at_exec) {
+                /* The init needs nothing privileged any more; and a process of the
+                 * dyno, with the same uid, may not ptrace it. Not before PROGRAM is the
+                 * dyno's user too: a signal from the dyno's user to a process that is
+                 * still root fails (EPERM), and a stop or a hang-up sent between the
+                 * fork and the exec would be lost. */
+                become_dyno_user();
+                prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+                drop_at_exec = 0;
+            }
         }
         /* Commands first: the manager writes `h` before it hangs up the dyno, so a
          * command that dies of the hang-up finds the dyno already detached. */

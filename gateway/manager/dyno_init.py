@@ -159,18 +159,20 @@ class InitControl:
         self.control.sendmsg([_packet(b"C", [address, str(port)])], ancillary([reply]))
 
     async def said(self, kind: str) -> str:
-        """The value of the init's next status line, which must be `kind` ("pid",
-        "ready"); InitError with its own words if it says "error ..." or ends first."""
+        """The value of the init's first status line of `kind` ("pid", "ready"), which it
+        consumes; InitError with its own words if it says "error ..." first, or if it ends
+        first. Lines of other kinds stay for later: in sandbox mode two processes write
+        them (the first says "pid", PID 1 "ready"), so they may come in either order."""
         while True:
-            line, _, rest = self._said.partition(b"\n")
-            if _:
-                self._said = rest
+            *lines, partial = self._said.split(b"\n")
+            for n, line in enumerate(lines):
                 word, _, value = line.decode(errors="replace").partition(" ")
-                if word == kind:
-                    return value
                 if word == "error":
                     raise InitError(value)
-                raise InitError(f"said {line!r} where {kind!r} was expected")
+                if word == kind:
+                    del lines[n]
+                    self._said = b"".join(rest + b"\n" for rest in lines) + partial
+                    return value
             await trio.lowlevel.wait_readable(self.status)
             try:
                 chunk = os.read(self.status, 4096)

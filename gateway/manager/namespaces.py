@@ -281,17 +281,16 @@ class NamespaceSandbox:
         self.dynos_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         root = self.dynos_dir / f"{recipe.app}.{secrets.token_hex(8)}"
         root.mkdir(mode=0o700)
-        workspace = Workspace(root)
+        # Filled in as the sandbox is made, so that a failure at any step ends what the
+        # steps before it made (_discard).
+        prepared = Prepared(recipe, None, InitControl.open(), Workspace(root), None, None)
         cgroup: DynoCgroup | None = None
-        init = InitControl.open()
-        link: Link | None = None
-        process: Child | None = None
         try:
             if self.cgroups is not None:
-                cgroup = self.cgroups.create(root.name, limits_for(size))
+                cgroup = prepared.cgroup = self.cgroups.create(root.name, limits_for(size))
                 cgroup.arm_oom()
             if self.network is not None:
-                link = self.network.allocate()
+                prepared.link = self.network.allocate()
             spec = NamespaceSpec(
                 uid=recipe.uid,
                 gid=recipe.uid,
@@ -299,21 +298,21 @@ class NamespaceSandbox:
                 budget=self.config.dynos.tmp_max_bytes,
                 lower=recipe.release_dir,
                 own_network=self.config.dynos.network != "host",
-                veth=link,
+                veth=prepared.link,
                 cgroup_procs=tuple(str(p) for p in cgroup.procs_files) if cgroup else (),
                 stack=self.stack,
                 hidden=self.hidden,
                 files=self._files(recipe.uid),
                 data_bytes=None if cgroup else size.memory * 1024 * 1024,
             )
-            process = await self._spawn_init(spec, init)
+            await self._spawn_init(spec, prepared)
             with trio.fail_after(READY_TIMEOUT):
-                await init.said("ready")
+                await prepared.init.said("ready")
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self._discard(Prepared(recipe, process, init, workspace, cgroup, link))
+                await self._discard(prepared)
             raise
-        return Prepared(recipe, process, init, workspace, cgroup, link)
+        return prepared
 
     def _files(self, uid: int) -> tuple[tuple[str, str], ...]:
         """Files written for the dyno: its resolv.conf, its passwd and group."""
@@ -327,9 +326,11 @@ class NamespaceSandbox:
     def _shell_path(self) -> str:
         return f"/bin/{self.shell}" if Path("/bin", self.shell).exists() else "/bin/sh"
 
-    async def _spawn_init(self, spec: NamespaceSpec, init: InitControl) -> Child:
+    async def _spawn_init(self, spec: NamespaceSpec, prepared: Prepared) -> Child:
         """Start the init in sandbox mode; its first process says the pid of the dyno's
-        PID 1 (a child of ours) and ends."""
+        PID 1 (a child of ours: `prepared.process` from then on) and ends. Whatever
+        happens, the first process is reaped."""
+        init = prepared.init
         spec_r, spec_w = os.pipe()
         try:
             # By its descriptor, named plainly: a dyno's `ps` shows no path of the host.
@@ -344,14 +345,20 @@ class NamespaceSandbox:
         finally:
             os.close(spec_r)
         try:
-            os.write(spec_w, encode_words(spec_words(spec)))  # small: fits the pipe
+            try:
+                os.write(spec_w, encode_words(spec_words(spec)))  # small: fits the pipe
+            finally:
+                os.close(spec_w)
+                init.close_child_ends()
+            with trio.fail_after(READY_TIMEOUT):
+                process = prepared.process = Child.adopt(int(await init.said("pid")))
+                await first.wait()
         finally:
-            os.close(spec_w)
-            init.close_child_ends()
-        with trio.fail_after(READY_TIMEOUT):
-            pid = int(await init.said("pid"))
-            await first.wait()
-        return Child.adopt(pid)
+            if first.returncode is None:  # given up on: neither a zombie nor its pidfd stays
+                with trio.CancelScope(shield=True):
+                    first.kill()
+                    await first.wait()
+        return process
 
     async def _discard(self, prepared: Prepared) -> None:
         """End a sandbox whatever state it is in: its init (closing the control socket

@@ -35,9 +35,10 @@ from gateway.store.records import (
 from gateway.store.schema import LATEST, MIGRATIONS
 from gateway.store.slug_digest import check_slug
 from gateway.store.sql import Row, SlugKeeper, Transaction
+from gateway.store.usage_queries import UsageQueries
 
 
-class Store(NodeQueries, AppLogQueries, ABC):
+class Store(NodeQueries, AppLogQueries, UsageQueries, ABC):
     """The gateway's state. Subclasses: SQLiteStore, PostgresStore (open_store picks)."""
 
     backend: str  # "sqlite" or "postgresql"
