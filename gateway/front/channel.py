@@ -56,7 +56,7 @@ class _FlowControl(SSHChannel[bytes]):
         finally:
             self._recv_window -= buffered
 
-    def write(self, data: bytes, datatype: Any = None) -> None:  # type: ignore[override]
+    def write(self, data: bytes, datatype: Any = None) -> None:
         # As SSHChannel.write for a channel without encoding, keeping a view of `data`
         # where asyncssh copies it into a bytearray (a copy still, of what could change
         # under the view).
