@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from bench.rows import Row
 from bench.servers import Server
 from bench.util import MB, Progress, median
+from tests.netns import veth_namespace
 
 SECTION = "outbound"
 SINK = r"""
@@ -64,33 +65,18 @@ def test_host() -> Iterator[TestHost]:
     last = int(base.rsplit(".", 1)[1])
     gateway, address = f"{prefix}.{last + 1}", f"{prefix}.{last + 2}"
     name, veth = f"gwbench{tag}", f"gwb{tag}"
-    commands = [
-        ["ip", "netns", "add", name],
-        ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name],
-        ["ip", "addr", "add", f"{gateway}/30", "dev", veth],
-        ["ip", "link", "set", veth, "up"],
-        ["ip", "-n", name, "addr", "add", f"{address}/30", "dev", "eth0"],
-        ["ip", "-n", name, "link", "set", "eth0", "up"],
-        ["ip", "-n", name, "link", "set", "lo", "up"],
-        ["ip", "-n", name, "route", "add", "default", "via", gateway],
-    ]
-    sink = None
-    try:
-        for argv in commands:
-            subprocess.run(argv, check=True, capture_output=True)
+    with veth_namespace(name, veth, gateway, address):
         sink = subprocess.Popen(
             ["ip", "netns", "exec", name, sys.executable, "-c", SINK],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
-        assert sink.stdout is not None
-        port = int(sink.stdout.readline())
-        yield TestHost(name, address, gateway, sink, port)
-    finally:
-        if sink is not None:
+        try:
+            assert sink.stdout is not None
+            port = int(sink.stdout.readline())
+            yield TestHost(name, address, gateway, sink, port)
+        finally:
             sink.kill()
             sink.wait()
-        subprocess.run(["ip", "link", "del", veth], capture_output=True)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def send(server: Server, host: TestHost, size: int) -> float:

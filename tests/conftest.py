@@ -21,6 +21,7 @@ from typing import Any
 import asyncssh
 import pytest
 
+from tests.netns import veth_namespace
 from tests.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -310,20 +311,5 @@ def test_host() -> Iterator[NetnsHost]:
     tag = f"{os.getpid() % 100000}"
     name, veth = f"gwtest{tag}", f"gwt{tag}"
     host = NetnsHost(name, "198.18.0.2", "198.18.0.1")
-    commands = [
-        ["ip", "netns", "add", name],
-        ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name],
-        ["ip", "addr", "add", f"{host.gateway}/30", "dev", veth],
-        ["ip", "link", "set", veth, "up"],
-        ["ip", "-n", name, "addr", "add", f"{host.address}/30", "dev", "eth0"],
-        ["ip", "-n", name, "link", "set", "eth0", "up"],
-        ["ip", "-n", name, "link", "set", "lo", "up"],
-        ["ip", "-n", name, "route", "add", "default", "via", host.gateway],
-    ]
-    try:
-        for argv in commands:
-            subprocess.run(argv, check=True, capture_output=True)
+    with veth_namespace(name, veth, host.gateway, host.address):
         yield host
-    finally:
-        subprocess.run(["ip", "link", "del", veth], capture_output=True)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)

@@ -281,8 +281,7 @@ class NamespaceSandbox:
         self.dynos_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         root = self.dynos_dir / f"{recipe.app}.{secrets.token_hex(8)}"
         root.mkdir(mode=0o700)
-        # Filled in as the sandbox is made, so that a failure at any step ends what the
-        # steps before it made (_discard).
+        # Filled in step by step, so a failure ends what the steps before made.
         prepared = Prepared(recipe, None, InitControl.open(), Workspace(root), None, None)
         cgroup: DynoCgroup | None = None
         try:
