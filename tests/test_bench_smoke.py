@@ -48,3 +48,22 @@ def test_quick_bench_prints_a_ratio_per_row(tmp_path: Path) -> None:
     for goal in ("fresh connection", "open connection", "new release", "disk", "helper",
                  "PSS", "new sessions/s, 5 running", "up, default", "down, default"):  # fmt: skip
         assert goal in judged, goal
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not SSHD.exists(), reason="needs OpenSSH's sshd (Debian: openssh-server)")
+def test_session_cpu_splits_each_servers_cpu_per_session() -> None:
+    argv = [sys.executable, str(REPO / "bench" / "session_cpu.py"), "--fresh", "4", "--execs", "30"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+    rows = [[cell.strip() for cell in row] for row in rows if row[0].strip() != "server"]
+    assert [row[0] for row in rows] == ["sshd", "gateway", "sshd", "gateway"]
+    for name, latency, server_cpu, client_cpu, split in rows:
+        assert float(latency) > 0 and float(client_cpu) >= 0, (name, latency, client_cpu)
+        # Every session costs its server some CPU; the gateway's is split by process.
+        assert float(server_cpu) > 0, name
+        if name == "gateway":
+            assert re.fullmatch(
+                r"manager [\d.]+, front [\d.]+, dynos \(inits, commands\) -?[\d.]+", split
+            )
