@@ -55,7 +55,6 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,43 +67,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-int pid1;               /* PID 1 of a PID namespace: kill(-1) reaches exactly the dyno */
+static int pid1;        /* PID 1 of a PID namespace: kill(-1) reaches exactly the dyno */
 static int detached;    /* after PROGRAM ends, wait for the others */
 static int exec_done;   /* PROGRAM's exec happened (or failed): its signals are its own */
 static int drop_at_exec; /* sandbox mode: become the dyno's user once PROGRAM has */
 static pid_t main_pid = -1;
 static int main_status = -1;
-static int status_fd = -1;
-
-/* One line on the status pipe for the manager. */
-void say(const char *fmt, ...) {
-    char line[512];
-    va_list args;
-    va_start(args, fmt);
-    int len = vsnprintf(line, sizeof line, fmt, args);
-    va_end(args);
-    if (status_fd >= 0 && len > 0 && write(status_fd, line, (size_t)len) < 0) {
-        /* The manager may be gone; the control socket tells us so. */
-    }
-}
-
-void die(const char *what) {
-    char text[400];
-    snprintf(text, sizeof text, "%s: %s", what, strerror(errno));
-    dprintf(2, "dyno-init: %s\n", text);
-    say("error %s\n", text);
-    _exit(125);
-}
-
-int parse_number(const char *text, long low, long high) {
-    char *end;
-    long value = strtol(text, &end, 10);
-    if (*text == '\0' || *end != '\0' || value < low || value > high) {
-        dprintf(2, "dyno-init: bad number %s\n", text);
-        _exit(125);
-    }
-    return (int)value;
-}
 
 /* -- signalling every process of the dyno ------------------------------------------- */
 
@@ -156,7 +124,7 @@ static int descendants(pid_t *out, int room) {
     return found;
 }
 
-void signal_all(int sig) {
+static void signal_all(int sig) {
     if (pid1) {
         kill(-1, sig);  /* from PID 1: every process of the namespace but ourselves */
         if (sig == SIGTERM)
@@ -178,52 +146,6 @@ static int exit_code(int status) {
     if (WIFSIGNALED(status))
         return 128 + WTERMSIG(status);
     return 255;
-}
-
-/* -- starting a program ---------------------------------------------------------------- */
-
-int split_words(char *buf, size_t len, char **words, int room) {
-    int count = 0;
-    for (char *p = buf; p < buf + len && count < room; p += strlen(p) + 1)
-        words[count++] = p;
-    return count;
-}
-
-pid_t start_program(const struct program *program, int control) {
-    pid_t pid = fork();
-    if (pid != 0)
-        return pid;
-    /* Every signal back at its default, still blocked until the exec. */
-    struct sigaction dfl = {.sa_handler = SIG_DFL};
-    for (int s = 1; s < NSIG; s++)
-        sigaction(s, &dfl, NULL);  /* fails harmlessly for KILL, STOP and RT gaps */
-    close(control);
-    const int *stdio = program->stdio;
-    if (stdio != NULL) {
-        for (int i = 0; i < 3; i++)
-            if (dup2(stdio[i], i) < 0)
-                die("stdio");
-        for (int i = 0; i < 3; i++)
-            if (stdio[i] > 2)
-                close(stdio[i]);
-    }
-    if (program->new_session && setsid() < 0)
-        die("setsid");
-    if (program->ctty && ioctl(0, TIOCSCTTY, 0) < 0)
-        die("TIOCSCTTY");
-    if (program->sandboxed)
-        enter_sandbox();
-    umask(022);  /* sshd's, not the manager's private 077 */
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);  /* what waited is delivered now */
-    char **argv = program->argv;
-    if (program->envp != NULL)
-        execvpe(argv[0], argv, program->envp);
-    else
-        execvp(argv[0], argv);
-    dprintf(2, "dyno-init: %s: %s\n", argv[0], strerror(errno));
-    _exit(errno == ENOENT ? 127 : 126);
 }
 
 /* -- control packets ----------------------------------------------------------------- */

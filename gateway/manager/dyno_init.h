@@ -1,6 +1,8 @@
 /*
  * dyno-init's parts, built together into one binary (gateway/manager/dyno_init.py):
  *   dyno_init.c           the reaper: control messages, starting the command, main()
+ *   dyno_init_manager.c   the status pipe to the manager, and the words of its messages
+ *   dyno_init_program.c   starting a program in the dyno (the command, entered processes)
  *   dyno_init_sandbox.c   the namespaces sandbox it builds as root (sandbox mode)
  *   dyno_init_sessions.c  processes entered into the running dyno, and connections
  *                         made from inside it for port forwarding
@@ -13,12 +15,15 @@
 #include <poll.h>
 #include <sys/types.h>
 
-/* dyno_init.c */
-extern int pid1;
+/* dyno_init_manager.c */
+extern int status_fd;  /* the status pipe; -1 until main() has it */
 void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void die(const char *what) __attribute__((noreturn));
 int parse_number(const char *text, long low, long high);
-void signal_all(int sig);
+/* Words of a control packet: NUL-terminated, after its one-letter kind. */
+int split_words(char *buf, size_t len, char **words, int room);
+
+/* dyno_init_program.c */
 
 /* A program to start: the command (once) or an entered process (any number). */
 struct program {
@@ -30,9 +35,6 @@ struct program {
     int sandboxed;     /* the namespaces sandbox: limits, /app, the dyno's user, seccomp */
 };
 pid_t start_program(const struct program *program, int control);
-
-/* Words of a control packet: NUL-terminated, after its one-letter kind. */
-int split_words(char *buf, size_t len, char **words, int room);
 
 /* dyno_init_sandbox.c */
 void parse_spec(int fd);

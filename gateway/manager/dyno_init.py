@@ -29,6 +29,8 @@ SOURCES = tuple(
     for name in (
         "dyno_init.h",
         "dyno_init.c",
+        "dyno_init_manager.c",
+        "dyno_init_program.c",
         "dyno_init_sandbox.c",
         "dyno_init_sessions.c",
         "dyno_init_network.c",
