@@ -26,11 +26,9 @@ from gateway.manager.bwrap_args import (
     DYNO_UID,
     NOFILE,
     TOOLS,
-    TRUSTED_PATH,
     Layout,
     bwrap_args,
     encode_args,
-    find_tools,
     hidden_args,
     inner_argv,
     wrapper_argv,
@@ -41,13 +39,12 @@ from gateway.manager.sandbox import (
     Command,
     DynoSpec,
     Inside,
-    Launched,
+    ReleaseCopySandbox,
     SandboxError,
     Workspace,
     free_port,
-    remove_dyno_dirs,
-    start_command,
 )
+from gateway.manager.spawn import TRUSTED_PATH, find_tools
 from gateway.manager.stack import look_at_stack
 from gateway.slugs import remove_tree
 
@@ -60,7 +57,7 @@ class BwrapUnavailable(Exception):
     """bwrap cannot run dynos here; the message says why."""
 
 
-class BwrapSandbox:
+class BwrapSandbox(ReleaseCopySandbox):
     name = "bwrap"
 
     def __init__(
@@ -155,41 +152,10 @@ class BwrapSandbox:
         )
         return line + "; weaker than configured: " + "; ".join(self.notes) if self.notes else line
 
-    # -- the Sandbox protocol ----------------------------------------------------------
+    # -- what ReleaseCopySandbox leaves to it ------------------------------------------
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-
-    async def start(self, spec: DynoSpec, stdio: list[int]) -> Launched:
-        try:
-            workspace = await self.prepare(spec)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            raise SandboxError(f"the release could not be copied: {exc}") from None
-        try:
-            return start_command(lambda init: self.command(spec, workspace, init), stdio, workspace)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.remove_workspace(workspace)
-            raise
-
-    async def prepare(self, spec: DynoSpec) -> Workspace:
-        """The dyno's dir, with its own copy of the release at app/."""
-        self.dynos_dir.mkdir(parents=True, exist_ok=True)
-        root = self.dynos_dir / f"{spec.app}.{spec.name}.{secrets.token_hex(8)}"
-        root.mkdir(mode=0o700)
-        workspace = Workspace(root)
-        try:
-            cp, chmod = self.tools["cp"], self.tools["chmod"]
-            await trio.run_process(
-                [cp, "-a", "--reflink=auto", f"{spec.release_dir}/.", str(workspace.app)],
-                capture_stderr=True,
-            )
-            await trio.run_process([chmod, "-R", "u+w", str(workspace.app)])
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.remove_workspace(workspace)
-            raise
-        return workspace
+    def copy_tools(self) -> tuple[str, str]:
+        return self.tools["cp"], self.tools["chmod"]  # resolved by find_tools
 
     def command(self, spec: DynoSpec, workspace: Workspace, init: InitControl) -> Command:
         shell = f"/bin/{self.shell}" if Path("/bin", self.shell).exists() else "/bin/sh"
@@ -226,20 +192,6 @@ class BwrapSandbox:
             wrapper_argv(self.tools, inner), env, workspace.root, (self.init.fd,),
             Inside(shell, inside),
         )  # fmt: skip
-
-    def end_reason(self, launched: Launched) -> list[str]:
-        return []
-
-    async def remove(self, launched: Launched) -> None:
-        launched.init.close()
-        await self.remove_workspace(launched.workspace)
-
-    async def remove_workspace(self, workspace: Workspace) -> None:
-        if workspace.root.exists():
-            await trio.to_thread.run_sync(remove_tree, workspace.root)
-
-    def remove_leftovers(self) -> None:
-        remove_dyno_dirs(self.dynos_dir)
 
 
 def _nofile() -> int:

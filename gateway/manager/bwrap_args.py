@@ -6,7 +6,6 @@ the gateway's own user."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -17,8 +16,6 @@ DYNO_UID = 65534
 DYNO_GID = 65534
 # Heroku's open-files limit.
 NOFILE = 10000
-# Where the gateway looks for the tools it runs: never a dyno's PATH.
-TRUSTED_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TOOLS = ("bwrap", "sh", "cp", "chmod")
 
 # The wrapper: the dyno's first process (its process group's leader). It sets the
@@ -119,15 +116,3 @@ def wrapper_argv(tools: dict[str, str], inner: Sequence[str]) -> list[str]:
     """The dyno's argv: sh WRAPPER bwrap --args 4 -- INNER (the dyno's init, in INNER,
     gives a terminal session its controlling terminal)."""
     return [tools["sh"], "-c", WRAPPER_SCRIPT, "dyno", tools["bwrap"], "--args", "4", "--", *inner]
-
-
-def find_tools(names: Iterable[str]) -> tuple[dict[str, str], list[str]]:
-    """Absolute paths of `names` on TRUSTED_PATH, and the names not found."""
-    found, missing = {}, []
-    for name in names:
-        path = shutil.which(name, path=TRUSTED_PATH)
-        if path is None:
-            missing.append(name)
-        else:
-            found[name] = path
-    return found, missing

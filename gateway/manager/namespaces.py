@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,15 +52,14 @@ from gateway.manager.sandbox import (
     free_port,
     remove_dyno_dirs,
 )
-from gateway.manager.spawn import Child, spawn
+from gateway.manager.spawn import TRUSTED_PATH, Child, find_tools, spawn
 from gateway.manager.stack import StackEntry, hidden_paths, look_at_stack
 from gateway.manager.veth import Link, NetworkError, VethNetwork, upstream_resolv_conf
 from gateway.slugs import own_tree, owned_by, remove_tree
 
 log = logging.getLogger(__name__)
 
-# Tools the sandbox runs as root; looked up on a trusted path, never a dyno's.
-TRUSTED_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Tools the sandbox runs as root; looked up on TRUSTED_PATH, never a dyno's.
 TOOLS = ("ip", "nft")
 READY_TIMEOUT = 10.0
 
@@ -136,7 +134,7 @@ class NamespaceSandbox:
         fails loudly."""
         if os.geteuid() != 0:
             raise NamespacesUnavailable("the gateway does not run as root")
-        tools, missing = _find_tools()
+        tools, missing = find_tools(TOOLS)
         notes: list[str] = []
         network: VethNetwork | None = None
         if config.dynos.network == "outbound":
@@ -426,17 +424,6 @@ class NamespaceSandbox:
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def _find_tools() -> tuple[dict[str, str], list[str]]:
-    found, missing = {}, []
-    for name in TOOLS:
-        path = shutil.which(name, path=TRUSTED_PATH)
-        if path is None:
-            missing.append(name)
-        else:
-            found[name] = path
-    return found, missing
 
 
 def _parent_group(config: Config) -> str:

@@ -154,13 +154,19 @@ def start_command(
     return Launched(process, init, workspace, command.inside)
 
 
-class ProcessSandbox:
-    name = "process"
+class ReleaseCopySandbox:
+    """What the sandboxes that give each dyno its own copy of the release share (the
+    process sandbox, bubblewrap): the copy made in a private dir as the dyno starts, the
+    command started over it (`command`, theirs), the dir removed when it ends."""
 
-    def __init__(self, dynos_dir: Path, shell: str, init: InitBinary) -> None:
-        self.dynos_dir = dynos_dir
-        self.shell = shell
-        self.init = init
+    dynos_dir: Path
+
+    def command(self, spec: DynoSpec, workspace: Workspace, init: InitControl) -> Command:
+        raise NotImplementedError
+
+    def copy_tools(self) -> tuple[str, str]:
+        """The `cp` and `chmod` to copy a release with."""
+        return "cp", "chmod"
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -177,29 +183,28 @@ class ProcessSandbox:
                 await self.remove_workspace(workspace)
             raise
 
-    def describe(self) -> str:
-        return (
-            "sandbox in force: process (own copy of the app, own session, no namespaces: "
-            "dynos can see the host's processes and files)"
-        )
-
     async def prepare(self, spec: DynoSpec) -> Workspace:
-        """Copy the release into a fresh private dir (mode 0700)."""
+        """The dyno's dir (mode 0700), with its own copy of the release at app/."""
         self.dynos_dir.mkdir(parents=True, exist_ok=True)
-        root = self.dynos_dir / f"{spec.app}.{spec.name}.{secrets.token_hex(4)}"
+        root = self.dynos_dir / f"{spec.app}.{spec.name}.{secrets.token_hex(8)}"
         root.mkdir(mode=0o700)
         workspace = Workspace(root)
+        cp, chmod = self.copy_tools()
         try:
             await trio.run_process(
-                ["cp", "-a", "--reflink=auto", f"{spec.release_dir}/.", str(workspace.app)],
+                [cp, "-a", "--reflink=auto", f"{spec.release_dir}/.", str(workspace.app)],
                 capture_stderr=True,
             )
             # Releases are read-only; the dyno's copy is its own to change.
-            await trio.run_process(["chmod", "-R", "u+w", str(workspace.app)])
+            await trio.run_process([chmod, "-R", "u+w", str(workspace.app)])
         except BaseException:
-            await self.remove_workspace(workspace)
+            with trio.CancelScope(shield=True):
+                await self.remove_workspace(workspace)
             raise
         return workspace
+
+    def end_reason(self, launched: Launched) -> list[str]:
+        return []
 
     async def remove(self, launched: Launched) -> None:
         launched.init.close()
@@ -211,6 +216,21 @@ class ProcessSandbox:
 
     def remove_leftovers(self) -> None:
         remove_dyno_dirs(self.dynos_dir)
+
+
+class ProcessSandbox(ReleaseCopySandbox):
+    name = "process"
+
+    def __init__(self, dynos_dir: Path, shell: str, init: InitBinary) -> None:
+        self.dynos_dir = dynos_dir
+        self.shell = shell
+        self.init = init
+
+    def describe(self) -> str:
+        return (
+            "sandbox in force: process (own copy of the app, own session, no namespaces: "
+            "dynos can see the host's processes and files)"
+        )
 
     def shell_path(self, root: Path = Path("/")) -> str:
         """bash where the dyno has it, else sh, as `heroku run` does."""
@@ -232,9 +252,6 @@ class ProcessSandbox:
             pty=spec.pty,
         )
         return Command(argv, env, workspace.app, inside=Inside(shell, env))
-
-    def end_reason(self, launched: Launched) -> list[str]:
-        return []
 
 
 def free_port() -> int:

@@ -10,11 +10,29 @@ as the manager, and the wait goes through a pidfd.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 import trio
+
+# Where the manager looks for the programs it runs (bwrap, ip, nft, cp, ...): never the
+# caller's PATH, and the PATH its helpers get.
+TRUSTED_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def find_tools(names: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Absolute paths of `names` on TRUSTED_PATH, and the names not found."""
+    found, missing = {}, []
+    for name in names:
+        path = shutil.which(name, path=TRUSTED_PATH)
+        if path is None:
+            missing.append(name)
+        else:
+            found[name] = path
+    return found, missing
 
 
 class Child:
