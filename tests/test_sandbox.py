@@ -882,6 +882,8 @@ def test_without_root_a_dyno_runs_in_a_user_namespace() -> None:
         line = result.stdout
         assert "sandbox in force: bwrap" in line and "mapped to the gateway's user" in line
         assert "network host (outbound NAT needs root)" in line and "rlimits only" in line
+        # The trial (as `gateway check` runs it) leaves no dyno dir behind.
+        assert not list((home / "state" / "dynos").iterdir())
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

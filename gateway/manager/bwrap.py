@@ -136,6 +136,7 @@ class BwrapSandbox(ReleaseCopySandbox):
                     )  # fmt: skip
             finally:
                 init.close()
+                await self.remove_workspace(workspace)
         finally:
             if trial_dir.exists():
                 remove_tree(trial_dir)
