@@ -35,7 +35,7 @@ class ProcessUse:
             rss=proc.memory(pid).rss,
             threads=len(os.listdir(f"/proc/{pid}/task")),
             children=tuple(sorted(children)),
-            cpu=_cpu_seconds(pid),
+            cpu=proc.cpu_seconds(pid),
         )
 
 
@@ -102,12 +102,6 @@ def dyno_cgroup_parent(manager: int, state_dir: Path) -> Path | None:
     else:
         return None
     return own / name
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of /proc/PID/stat (fields 14 and 15, in clock ticks)."""
-    after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(after_name[11]) + int(after_name[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _gateway_mounts(manager: int, state_dir: Path) -> int:

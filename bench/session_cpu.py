@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import subprocess
 import sys
@@ -30,16 +29,13 @@ from bench import proc
 from bench.servers import Gateway, Server, Sshd, client_key
 from bench.util import Progress, median, say
 
-TICK = os.sysconf("SC_CLK_TCK")
-
 
 def cpu_seconds(pid: int, reaped: bool = True) -> float:
-    """utime + stime of `pid`, and of its reaped children unless `reaped` is false."""
+    """proc.cpu_seconds, with 0 for a process gone meanwhile."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return proc.cpu_seconds(pid, reaped)
     except OSError:
         return 0.0
-    return sum(int(x) for x in fields[11 : 15 if reaped else 13]) / TICK
 
 
 def tree_cpu(top: int) -> dict[int, float]:
@@ -48,9 +44,11 @@ def tree_cpu(top: int) -> dict[int, float]:
 
 
 def used(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU spent between two snapshots: grown by those in both, all of those new (what
-    ended meanwhile was reaped by one of them, in its children's time)."""
-    return sum(value - before.get(pid, 0.0) for pid, value in after.items())
+    """CPU spent between two snapshots: grown by those in both, all of those new. One
+    that ended meanwhile was reaped by one of them, whose children's time grew by its
+    whole life: what it had spent before the first snapshot is taken off."""
+    gone = sum(value for pid, value in before.items() if pid not in after)
+    return sum(value - before.get(pid, 0.0) for pid, value in after.items()) - gone
 
 
 def client_cpu() -> float:
@@ -64,7 +62,6 @@ class Measure:
 
     def __init__(self, server: Server) -> None:
         assert server.process is not None
-        self.server = server
         self.top = server.process.pid
         self.parts = server.pids() if isinstance(server, Gateway) else {}
 
@@ -72,11 +69,9 @@ class Measure:
         self.tree = tree_cpu(self.top)
         self.parts_before = {name: cpu_seconds(pid, False) for name, pid in self.parts.items()}
         self.client = client_cpu()
-        self.started = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self.started
         self.client = client_cpu() - self.client
         self.server_cpu = used(self.tree, tree_cpu(self.top))
         self.by_part = {
