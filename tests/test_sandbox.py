@@ -847,22 +847,55 @@ def _empty(group: Path) -> bool:
     return not procs.exists() or not procs.read_text().strip()
 
 
+def _copy_for_another_user(modules: str, into: Path) -> None:
+    """Copy the packages that importing `modules` loads from this checkout and its venv
+    into `into`, for a user who cannot read either (a checkout in a 0700 dir, as
+    `mktemp -d` makes, or a venv under /root); the standard library stays where it is."""
+    listing = subprocess.run(
+        [sys.executable, "-c", f"import sys, {modules}\n"
+         "for m in list(sys.modules.values()): print(getattr(m, '__file__', None) or '')"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    ours = [Path(sys.prefix).resolve(), Path(__file__).resolve().parent.parent]
+    roots: set[Path] = set()
+    for line in listing.stdout.splitlines():
+        path = Path(line).resolve() if line else None
+        for base in ours:
+            if path is not None and path.is_relative_to(base):
+                parts = path.relative_to(base).parts
+                # site-packages/NAME... or gateway/...: the top-level package or module.
+                top = parts.index("site-packages") + 1 if "site-packages" in parts else 0
+                roots.add(base.joinpath(*parts[: top + 1]))
+    for root in roots:
+        if root.is_dir():
+            shutil.copytree(root, into / root.name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(root, into / root.name)
+
+
 def test_without_root_a_dyno_runs_in_a_user_namespace() -> None:
     """The manager as an ordinary user (here uid 65534): the start-up trial dyno runs
     through bwrap with a user namespace, a copy for /app and no cgroups, and outbound
     networking, which needs root, is reported as not in force."""
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
-    repo = str(Path(__file__).parent.parent)
-    reach = subprocess.run(
-        [*as_nobody, sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-         "import gateway.manager.bwrap", repo],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    if reach.returncode != 0:
-        pytest.skip(f"uid 65534 cannot run this checkout's Python here: {reach.stderr[-200:]}")
+    # The interpreter itself (the venv's links to it), and the gateway with its
+    # dependencies copied where uid 65534 can read them.
+    python = os.path.realpath(sys.executable)
     home = Path(tempfile.mkdtemp(prefix="gateway-nonroot-", dir="/tmp"))
     try:
-        os.chown(home, 65534, 65534)
+        lib = home / "lib"
+        lib.mkdir()
+        _copy_for_another_user("gateway.config, gateway.manager.bwrap", lib)
+        for path in [home, *home.rglob("*")]:
+            os.chown(path, 65534, 65534, follow_symlinks=False)
+        home.chmod(0o755)
+        repo = str(lib)
+        reach = subprocess.run(
+            [*as_nobody, python, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+             "import gateway.manager.bwrap", repo],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert reach.returncode == 0, reach.stderr[-2000:]
         script = (
             "import sys; sys.path.insert(0, sys.argv[1])\n"
             "from gateway.config import parse\n"
@@ -875,7 +908,7 @@ def test_without_root_a_dyno_runs_in_a_user_namespace() -> None:
             "print(trio.run(probe).describe())\n"
         )
         result = subprocess.run(
-            [*as_nobody, sys.executable, "-c", script, repo, str(home / "state")],
+            [*as_nobody, python, "-c", script, repo, str(home / "state")],
             capture_output=True, text=True, timeout=60, cwd=home,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
